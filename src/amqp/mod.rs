@@ -1,0 +1,221 @@
+//! The RabbitMQ side: connecting, the topology, consuming, and publisher-confirmed republishing.
+//!
+//! A [`Session`] is one connection with two channels: one consumes the work queue, the other is in
+//! confirm mode and carries every republish (delay tiers, dead letters, receipts). A message
+//! moves between queues only as "publish, wait for the broker's confirm, then ack the original",
+//! so a crash in between leaves a duplicate in the target queue, never a loss; the store turns a
+//! duplicate job into a no-op.
+
+pub mod topology;
+
+use std::time::Duration;
+
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use crate::config::{AmqpSettings, redact_url};
+pub use topology::Topology;
+
+/// Headers the worker reads and writes. Public: operators and publishers see them.
+pub mod headers {
+    /// Dead-letter reason: `invalid`, `rejected`, `retries-exhausted`, `expired`.
+    pub const REASON: &str = "x-blinger-reason";
+    /// Readable detail of the last failure.
+    pub const ERROR: &str = "x-blinger-error";
+    /// Last HTTP status from Blinger, where there was one.
+    pub const STATUS: &str = "x-blinger-status";
+    /// HTTP calls made for this job so far, across retries.
+    pub const ATTEMPTS: &str = "x-blinger-attempts";
+    /// Times the job has been parked in a delay tier.
+    pub const RETRIES: &str = "x-blinger-retries";
+    /// Unix milliseconds of the worker's first receipt (latency when there is no AMQP timestamp).
+    pub const FIRST_SEEN: &str = "x-blinger-first-seen";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("cannot connect to RabbitMQ at {url} (AMQP_URL): {source}")]
+    Connect { url: String, source: lapin::Error },
+    #[error("declaring the topology: {0}")]
+    Declare(lapin::Error),
+    #[error("RabbitMQ channel: {0}")]
+    Channel(#[from] lapin::Error),
+    #[error("RabbitMQ refused the publish to {0} (nack)")]
+    Nacked(String),
+    #[error("publish to {0} was not routed to any queue")]
+    Unroutable(String),
+}
+
+/// One connection and its two channels.
+pub struct Session {
+    pub connection: Connection,
+    pub consume: Channel,
+    pub publish: Channel,
+}
+
+impl Session {
+    /// Connects, opens the channels and declares the topology.
+    pub async fn open(
+        settings: &AmqpSettings,
+        topology: &Topology,
+        prefetch: u16,
+        name: &str,
+    ) -> Result<Session, AmqpError> {
+        let connection = connect(settings, name).await?;
+        let consume = connection.create_channel().await?;
+        consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let publish = connection.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        topology::declare(&publish, settings, topology)
+            .await
+            .map_err(AmqpError::Declare)?;
+        Ok(Session {
+            connection,
+            consume,
+            publish,
+        })
+    }
+
+    pub async fn close(&self) {
+        let _ = self.consume.close(200, "shutdown".into()).await;
+        let _ = self.publish.close(200, "shutdown".into()).await;
+        let _ = self.connection.close(200, "shutdown".into()).await;
+    }
+}
+
+/// Opens a connection. Errors name the setting and never show the password.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
+    let url = settings.url.expose();
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connecting = Connection::connect(url, properties);
+    match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(source)) => Err(AmqpError::Connect {
+            url: redact_url(url),
+            source,
+        }),
+        Err(_) => Err(AmqpError::Connect {
+            url: redact_url(url),
+            source: lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out after 15s"),
+            ))),
+        }),
+    }
+}
+
+/// Publishes a persistent message and waits for the broker's confirm. `mandatory` makes an
+/// unroutable publish an error instead of a silent drop.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), AmqpError> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await?;
+    let target = || {
+        if exchange.is_empty() {
+            routing_key.to_owned()
+        } else {
+            format!("{exchange}/{routing_key}")
+        }
+    };
+    match confirm.await? {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable(target())),
+        Confirmation::Nack(_) => Err(AmqpError::Nacked(target())),
+    }
+}
+
+/// The original properties with `extra` headers set (replacing same-named ones) and persistence
+/// forced on: a republished job must survive a broker restart like the original.
+pub fn with_headers(
+    properties: &BasicProperties,
+    extra: impl IntoIterator<Item = (&'static str, AMQPValue)>,
+) -> BasicProperties {
+    let mut table = properties.headers().clone().unwrap_or_default();
+    for (key, value) in extra {
+        table.insert(key.into(), value);
+    }
+    properties.clone().with_headers(table).with_delivery_mode(2)
+}
+
+pub fn string_value(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Reads an integer header whatever integer type the publisher used.
+pub fn header_u64(properties: &BasicProperties, name: &str) -> Option<u64> {
+    let headers: &FieldTable = properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Timestamp(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Reads a string header.
+pub fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
+    let headers: &FieldTable = properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_force_persistence() {
+        let original = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_timestamp(1_700_000_000);
+        let props = with_headers(
+            &original,
+            [
+                (headers::ATTEMPTS, AMQPValue::LongLongInt(3)),
+                (headers::REASON, string_value("invalid")),
+            ],
+        );
+        assert_eq!(header_u64(&props, headers::ATTEMPTS), Some(3));
+        assert_eq!(
+            header_string(&props, headers::REASON).as_deref(),
+            Some("invalid")
+        );
+        assert_eq!(*props.delivery_mode(), Some(2));
+        assert_eq!(*props.timestamp(), Some(1_700_000_000));
+        let again = with_headers(&props, [(headers::ATTEMPTS, AMQPValue::LongInt(4))]);
+        assert_eq!(header_u64(&again, headers::ATTEMPTS), Some(4));
+        assert_eq!(
+            header_string(&again, headers::REASON).as_deref(),
+            Some("invalid")
+        );
+    }
+}

@@ -1,0 +1,362 @@
+//! Settings: every one a command-line flag with an environment variable (the names are public).
+//!
+//! Secrets (the Blinger token, the AMQP URL's password) are wrapped in [`Secret`] as soon as they
+//! are read, whose `Debug` and `Display` never show the value, so no log line, error or panic
+//! message built from settings can carry them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// A value that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The only way to the value: call sites are few and easy to audit.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// The AMQP URL with its password masked, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "[unparseable URL]".to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the broker is and what the topology is called: shared by every command that talks to it.
+#[derive(Debug, Clone, Args)]
+pub struct AmqpSettings {
+    /// RabbitMQ URL (amqp:// or amqps://). The password is never logged.
+    #[arg(
+        long = "amqp-url",
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub url: Secret,
+
+    /// Topic exchange publishers send jobs to.
+    #[arg(
+        long,
+        env = "BLINGER_WORKER_EXCHANGE",
+        default_value = "blinger.outbound"
+    )]
+    pub exchange: String,
+
+    /// Work queue, bound to the exchange with `#`.
+    #[arg(long, env = "BLINGER_WORKER_QUEUE", default_value = "blinger.outbound")]
+    pub queue: String,
+
+    /// Dead-letter queue for jobs that can never be delivered.
+    #[arg(
+        long,
+        env = "BLINGER_WORKER_DEAD_LETTER_QUEUE",
+        default_value = "blinger.outbound.dead"
+    )]
+    pub dead_letter_queue: String,
+
+    /// Queue type of the work, retry and dead-letter queues.
+    #[arg(
+        long,
+        env = "BLINGER_WORKER_QUEUE_TYPE",
+        value_enum,
+        default_value = "quorum"
+    )]
+    pub queue_type: QueueType,
+
+    /// Broker-side delivery limit of the quorum work queue: a safety net that parks a message
+    /// which keeps crashing the worker. Unused with classic queues.
+    #[arg(long, env = "BLINGER_WORKER_DELIVERY_LIMIT", default_value_t = 20)]
+    pub delivery_limit: u32,
+
+    /// Delay tiers of the durable retry queues, one queue per tier, in order of attempts.
+    #[arg(
+        long,
+        env = "BLINGER_WORKER_RETRY_DELAYS",
+        default_value = "5s,30s,2m,10m,30m",
+        value_parser = parse_delays
+    )]
+    pub retry_delays: Delays,
+}
+
+/// A non-empty list of delays, parsed from `5s,30s,2m`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delays(pub Vec<Duration>);
+
+fn parse_delays(s: &str) -> Result<Delays, String> {
+    let delays = s
+        .split(',')
+        .map(|part| parse_duration(part.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if delays.is_empty() || delays.iter().any(|d| d.as_millis() == 0) {
+        return Err("need at least one delay, each above zero".into());
+    }
+    Ok(Delays(delays))
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s or 5m: {e}"))
+}
+
+/// Everything `blinger-worker run` needs.
+#[derive(Debug, Clone, Args)]
+pub struct RunSettings {
+    #[command(flatten)]
+    pub amqp: AmqpSettings,
+
+    /// Base URL of the Blinger external API.
+    #[arg(
+        long,
+        env = "BLINGER_API_URL",
+        default_value = "https://widget.blinger.io/api/external/v1"
+    )]
+    pub api_url: url::Url,
+
+    /// Blinger API token, sent as the Authorization header exactly as given.
+    #[arg(
+        long,
+        env = "BLINGER_API_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "api_token_file"
+    )]
+    pub api_token: Option<Secret>,
+
+    /// File holding the Blinger API token (surrounding whitespace is trimmed). Re-read while the
+    /// worker is paused on 401/403, so a rotated secret is picked up without a restart.
+    #[arg(long, env = "BLINGER_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Directory of the embedded store (delivered records).
+    #[arg(long, env = "BLINGER_WORKER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(
+        long,
+        env = "BLINGER_WORKER_METRICS_ADDR",
+        default_value = "0.0.0.0:9464"
+    )]
+    pub metrics_addr: SocketAddr,
+
+    /// Jobs processed at once (different conversations; one conversation is sequential).
+    #[arg(long, env = "BLINGER_WORKER_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+
+    /// Unacknowledged messages the broker may hand this worker at once.
+    #[arg(long, env = "BLINGER_WORKER_PREFETCH", default_value_t = 200,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Cap on calls to Blinger, requests per second (all kinds together).
+    #[arg(long, env = "BLINGER_WORKER_RATE_LIMIT", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit: u32,
+
+    /// Requests that may go out at once after a quiet period.
+    #[arg(long, env = "BLINGER_WORKER_RATE_BURST", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_burst: u32,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "BLINGER_WORKER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `blinger_worker=debug`).
+    #[arg(long, env = "BLINGER_WORKER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// HTTP attempts made in-process before a job is parked in a delay tier.
+    #[arg(long, env = "BLINGER_WORKER_MAX_IN_PROCESS_ATTEMPTS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_in_process_attempts: u32,
+
+    /// Timeout of one call to Blinger.
+    #[arg(long, env = "BLINGER_WORKER_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// On SIGTERM, time given to jobs in flight before the rest is handed back to the broker.
+    #[arg(long, env = "BLINGER_WORKER_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Delivered records older than this are pruned.
+    #[arg(long, env = "BLINGER_WORKER_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Message bodies larger than this are dead-lettered as invalid.
+    #[arg(long, env = "BLINGER_WORKER_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// Where the token comes from. A file is re-read on demand, a literal never changes.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    Literal(Secret),
+    File(PathBuf),
+}
+
+/// A setting that makes the worker unable to start; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no Blinger API token: set BLINGER_API_TOKEN or BLINGER_API_TOKEN_FILE")]
+    MissingToken,
+    #[error("BLINGER_API_TOKEN_FILE {path}: {source}")]
+    TokenFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("BLINGER_API_TOKEN_FILE {path} is empty")]
+    EmptyTokenFile { path: String },
+    #[error("BLINGER_API_TOKEN is empty")]
+    EmptyToken,
+    #[error("BLINGER_API_URL must be an http(s) URL")]
+    ApiUrl,
+}
+
+impl TokenSource {
+    pub fn from_settings(settings: &RunSettings) -> Result<Self, ConfigError> {
+        match (&settings.api_token, &settings.api_token_file) {
+            (Some(token), _) if token.expose().trim().is_empty() => Err(ConfigError::EmptyToken),
+            (Some(token), _) => Ok(TokenSource::Literal(token.clone())),
+            (None, Some(path)) => Ok(TokenSource::File(path.clone())),
+            (None, None) => Err(ConfigError::MissingToken),
+        }
+    }
+
+    pub fn load(&self) -> Result<Secret, ConfigError> {
+        match self {
+            TokenSource::Literal(token) => Ok(token.clone()),
+            TokenSource::File(path) => {
+                let raw =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                let token = raw.trim();
+                if token.is_empty() {
+                    return Err(ConfigError::EmptyTokenFile {
+                        path: path.display().to_string(),
+                    });
+                }
+                Ok(Secret::new(token))
+            }
+        }
+    }
+}
+
+impl RunSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !matches!(self.api_url.scheme(), "http" | "https") || self.api_url.cannot_be_a_base() {
+            return Err(ConfigError::ApiUrl);
+        }
+        TokenSource::from_settings(self)?.load()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "[redacted] [redacted]");
+    }
+
+    #[test]
+    fn redacts_amqp_password() {
+        let r = redact_url("amqp://user:s3cret@rabbit:5672/%2f");
+        assert!(!r.contains("s3cret"), "{r}");
+        assert!(r.contains("user"));
+        assert_eq!(redact_url("not a url"), "[unparseable URL]");
+    }
+
+    #[test]
+    fn parses_delay_tiers() {
+        assert_eq!(
+            parse_delays("5s, 2m").unwrap(),
+            Delays(vec![Duration::from_secs(5), Duration::from_secs(120)])
+        );
+        assert!(parse_delays("").is_err());
+        assert!(parse_delays("0s").is_err());
+        assert!(parse_delays("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn token_file_is_trimmed_and_reread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let source = TokenSource::File(path.clone());
+        assert_eq!(source.load().unwrap().expose(), "first");
+        std::fs::write(&path, "second").unwrap();
+        assert_eq!(source.load().unwrap().expose(), "second");
+        std::fs::write(&path, "  \n").unwrap();
+        assert!(matches!(
+            source.load(),
+            Err(ConfigError::EmptyTokenFile { .. })
+        ));
+    }
+}

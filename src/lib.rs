@@ -1,0 +1,34 @@
+//! blinger-worker: a durable RabbitMQ worker that delivers outbound jobs to the Blinger
+//! chat-widget API exactly once per job id, in order per conversation, or parks them in a
+//! dead-letter queue with the reason.
+//!
+//! One module per outside system and one per concern:
+//! - [`config`]: settings (flags and environment), secrets;
+//! - [`job`]: the job contract, decoding and validation;
+//! - [`amqp`]: RabbitMQ connection, topology, confirmed publishing;
+//! - [`blinger`]: the Blinger HTTP client and its typed answers;
+//! - [`store`]: the idempotency store (sled) with group commit;
+//! - [`failure`]: the one place that classifies failures;
+//! - [`retry`]: backoff and delay tiers; [`ratelimit`]: the global request cap;
+//! - [`pause`]: pausing on 401/403; [`pipeline`]: one job from delivery to ack;
+//! - [`dispatch`]: per-conversation ordering and concurrency;
+//! - [`telemetry`]: metrics, health flags, logs; [`ops_http`]: /metrics /healthz /readyz;
+//! - [`shutdown`]: signals; [`worker`]: lifecycle and reconnects;
+//! - [`sandbox`]: a stand-in Blinger server for tests, demos and benchmarks.
+
+pub mod amqp;
+pub mod blinger;
+pub mod config;
+pub mod dispatch;
+pub mod failure;
+pub mod job;
+pub mod ops_http;
+pub mod pause;
+pub mod pipeline;
+pub mod ratelimit;
+pub mod retry;
+pub mod sandbox;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

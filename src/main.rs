@@ -1,0 +1,59 @@
+//! `blinger-worker`: wires the command line to the library. Errors become one line and a
+//! non-zero exit.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use blinger_worker::config::RunSettings;
+use blinger_worker::{shutdown, telemetry, worker::Worker};
+
+/// Delivers jobs from RabbitMQ to the Blinger chat-widget API, exactly once, in order per
+/// conversation.
+#[derive(Parser)]
+#[command(name = "blinger-worker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker.
+    ///
+    /// Example: BLINGER_API_TOKEN=... AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f blinger-worker run
+    Run(Box<RunSettings>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blinger-worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(settings) => run(*settings).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blinger-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: RunSettings) -> anyhow::Result<()> {
+    telemetry::init_logging(settings.log_format, &settings.log_level)?;
+    let worker = Worker::start(settings).await?;
+    let stop = shutdown::on_signals();
+    worker.run(stop).await
+}

@@ -1,0 +1,593 @@
+//! The pipeline: what happens to one job, from its delivery to its ack.
+//!
+//! ```text
+//! delivery ─ invalid? ──────────────────────────────────────> dead-letter `invalid`
+//!          ─ its conversation has a parked job? ────────────> follow it into the same delay tier
+//!          ─ expired? ──────────────────────────────────────> dead-letter `expired`
+//!          ─ already in the store? ─────────────────────────> ack (duplicate)
+//!          ─ rate limiter ─ Blinger ─ accepted ─ record (group commit) ─> ack
+//!                                   ─ transient ─ backoff, retry ─ park in a delay tier ─ dead-letter `retries-exhausted`
+//!                                   ─ permanent ─> dead-letter `rejected`
+//!                                   ─ 401/403 ───> pause, probe, resume (the job is kept)
+//! ```
+//!
+//! Guarantees: a job is acked only after Blinger accepted it and its record is durable, or after
+//! its republish (delay tier, dead-letter queue) was confirmed by the broker. A job that cannot be
+//! finished (connection lost, shutdown grace over) is simply not acked: the broker redelivers it,
+//! and the store makes the redelivery a no-op if Blinger had already accepted it.
+//!
+//! Per-conversation order: the dispatcher runs one job per conversation at a time, and when a job
+//! is parked in a delay tier the later jobs of its conversation follow it into the same tier, so
+//! they come back behind it instead of overtaking it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use crate::amqp::{self, Topology, headers};
+use crate::blinger::{Accepted, Client};
+use crate::config::TokenSource;
+use crate::failure::{Class, Failure};
+use crate::job::{InvalidJob, Job, Kind};
+use crate::pause::PauseGate;
+use crate::ratelimit::Limiter;
+use crate::retry::{Next, RetryPolicy};
+use crate::store::{Delivered, Store, now_ms};
+use crate::telemetry::{DeadReason, Health, Metrics, kind_label};
+
+/// Longest `x-blinger-error` text.
+const MAX_ERROR_CHARS: usize = 1000;
+
+/// The channel a delivery came in on, and whether it is still open. Acks and republishes of a
+/// delivery go through its own session: once that session is gone, the broker will redeliver.
+pub struct SessionLink {
+    pub publish: Channel,
+    pub alive: CancellationToken,
+}
+
+/// One message taken from the work queue.
+pub struct Work {
+    pub delivery: Delivery,
+    pub session: Arc<SessionLink>,
+    pub job: Result<Job, InvalidJob>,
+    /// Unix milliseconds when this worker took the message.
+    pub received_ms: u64,
+}
+
+impl Work {
+    pub fn kind(&self) -> Option<Kind> {
+        match &self.job {
+            Ok(job) => Some(job.kind()),
+            Err(invalid) => invalid.kind,
+        }
+    }
+}
+
+/// Where a parked job waits, so the later jobs of its conversation can follow it.
+struct Parked {
+    head: Uuid,
+    tier: usize,
+    /// After this the mark is dropped even if the head never came back (a purged tier).
+    expires: Instant,
+}
+
+/// Everything a job needs, shared by all jobs.
+pub struct Pipeline {
+    pub client: Client,
+    pub token: TokenSource,
+    pub store: Store,
+    pub limiter: Limiter,
+    pub policy: RetryPolicy,
+    pub topology: Topology,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub gate: PauseGate,
+    /// Consumption has stopped (shutdown): jobs waiting on a backoff park at once, paused jobs
+    /// are handed back.
+    pub stopping: CancellationToken,
+    /// The shutdown grace is over: jobs not yet started are handed back.
+    pub abort: CancellationToken,
+    parked: Mutex<HashMap<String, Parked>>,
+}
+
+/// How a job's processing ended, for tests and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Duplicate,
+    Parked,
+    DeadLettered(DeadReason),
+    /// Not acked: the broker will redeliver it.
+    HandedBack,
+}
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        token: TokenSource,
+        store: Store,
+        limiter: Limiter,
+        policy: RetryPolicy,
+        topology: Topology,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        stopping: CancellationToken,
+    ) -> Pipeline {
+        Pipeline {
+            client,
+            token,
+            store,
+            limiter,
+            policy,
+            topology,
+            gate: PauseGate::new(health.clone()),
+            metrics,
+            health,
+            stopping,
+            abort: CancellationToken::new(),
+            parked: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Processes one message to its end.
+    pub async fn process(&self, work: Work) -> Outcome {
+        if work.session.alive.is_cancelled() || self.abort.is_cancelled() {
+            return Outcome::HandedBack;
+        }
+        self.metrics.jobs_in_flight.inc();
+        let outcome = self.process_inner(&work).await;
+        self.metrics.jobs_in_flight.dec();
+        outcome
+    }
+
+    async fn process_inner(&self, work: &Work) -> Outcome {
+        let job = match &work.job {
+            Ok(job) => job,
+            Err(invalid) => {
+                let attempts = self.prior_attempts(work);
+                return self
+                    .dead_letter(
+                        work,
+                        DeadReason::Invalid,
+                        &invalid.to_string(),
+                        None,
+                        attempts,
+                    )
+                    .await;
+            }
+        };
+        if let Some(tier) = self.follows_parked(job) {
+            return self.park(work, job, tier, None).await;
+        }
+        if job.is_expired(time::OffsetDateTime::now_utc()) {
+            let attempts = self.prior_attempts(work);
+            return self
+                .dead_letter(
+                    work,
+                    DeadReason::Expired,
+                    "expires_at passed before delivery",
+                    None,
+                    attempts,
+                )
+                .await;
+        }
+        match self.lookup(job).await {
+            Some(true) => {
+                self.metrics
+                    .jobs_duplicate
+                    .with_label_values(&[job.kind().as_str()])
+                    .inc();
+                debug!(id = %job.id, "already delivered; acking the duplicate");
+                self.ack(work).await;
+                Outcome::Duplicate
+            }
+            Some(false) => self.deliver(work, job).await,
+            None => Outcome::HandedBack,
+        }
+    }
+
+    /// Whether the store has the job; `None` if the store stayed unreadable until shutdown.
+    async fn lookup(&self, job: &Job) -> Option<bool> {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match self.store.get(&job.id) {
+                Ok(found) => return Some(found.is_some()),
+                Err(e) => {
+                    self.health.set_store_ok(false);
+                    error!(error = %e, "store unreadable; holding jobs until it recovers");
+                }
+            }
+            if !self.sleep_unless(&self.abort, delay).await {
+                return None;
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn deliver(&self, work: &Work, job: &Job) -> Outcome {
+        let kind = job.kind();
+        let mut attempts = self.prior_attempts(work);
+        let retries = amqp::header_u64(&work.delivery.properties, headers::RETRIES).unwrap_or(0);
+        let mut round = self.policy.round(retries.min(u32::MAX as u64) as u32);
+        let mut probe = None;
+        loop {
+            match &mut probe {
+                None => {
+                    if !self.gate.wait_open(&self.stopping).await {
+                        return Outcome::HandedBack;
+                    }
+                }
+                Some(p) => {
+                    let p: &mut crate::pause::Probe<'_> = p;
+                    if !self.sleep_unless(&self.stopping, p.next_delay()).await {
+                        return Outcome::HandedBack;
+                    }
+                    self.reload_token();
+                }
+            }
+            if job.is_expired(time::OffsetDateTime::now_utc()) {
+                return self
+                    .dead_letter(
+                        work,
+                        DeadReason::Expired,
+                        "expires_at passed while retrying",
+                        None,
+                        attempts,
+                    )
+                    .await;
+            }
+            self.limiter.acquire().await;
+            attempts += 1;
+            let started = Instant::now();
+            let result = self.client.send(job).await;
+            self.metrics
+                .api_request_duration
+                .with_label_values(&[kind.endpoint()])
+                .observe(started.elapsed().as_secs_f64());
+            let status = match &result {
+                Ok(accepted) => accepted.http_status.to_string(),
+                Err(failure) => failure.status_label(),
+            };
+            self.metrics
+                .api_requests
+                .with_label_values(&[kind.endpoint(), &status])
+                .inc();
+
+            let failure = match result {
+                Ok(accepted) => {
+                    if self.gate.resume() {
+                        info!("Blinger accepts the API token again; resuming");
+                    }
+                    return self.record_and_ack(work, job, accepted, attempts).await;
+                }
+                Err(failure) => failure,
+            };
+            if failure.class != Class::Auth && failure.status.is_some() && self.gate.resume() {
+                info!("Blinger accepts the API token again; resuming");
+            }
+            match failure.class {
+                Class::Auth => {
+                    if self.gate.pause() {
+                        error!(
+                            status = failure.status,
+                            "Blinger refused the API token; pausing: jobs stay queued, \
+                             /readyz is false, probing until it works (check BLINGER_API_TOKEN / \
+                             BLINGER_API_TOKEN_FILE)"
+                        );
+                    }
+                    if probe.is_none() {
+                        probe = self.gate.try_probe();
+                    }
+                }
+                Class::Permanent => {
+                    return self
+                        .dead_letter(
+                            work,
+                            DeadReason::Rejected,
+                            &failure.detail,
+                            failure.status,
+                            attempts,
+                        )
+                        .await;
+                }
+                Class::Transient => {
+                    if failure.status == Some(429) {
+                        self.metrics.rate_limited.inc();
+                        self.limiter.throttle(failure.retry_after);
+                    }
+                    if probe.is_some() {
+                        // A probe without an answer says nothing about the token: keep probing.
+                        continue;
+                    }
+                    let next = match round.after_failure(failure.retry_after) {
+                        Next::Wait(delay) => {
+                            debug!(id = %job.id, attempts, ?delay, error = %failure.detail, "transient failure; retrying");
+                            if self.sleep_unless(&self.stopping, delay).await {
+                                self.metrics
+                                    .jobs_retried
+                                    .with_label_values(&[kind.as_str()])
+                                    .inc();
+                                continue;
+                            }
+                            // Shutting down: park now rather than hand the job back.
+                            round.park(failure.retry_after)
+                        }
+                        other => other,
+                    };
+                    return match next {
+                        Next::Park { tier } => {
+                            self.metrics
+                                .jobs_retried
+                                .with_label_values(&[kind.as_str()])
+                                .inc();
+                            self.park(work, job, tier, Some((&failure, attempts, retries + 1)))
+                                .await
+                        }
+                        Next::GiveUp | Next::Wait(_) => {
+                            self.dead_letter(
+                                work,
+                                DeadReason::RetriesExhausted,
+                                &failure.detail,
+                                failure.status,
+                                attempts,
+                            )
+                            .await
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    fn reload_token(&self) {
+        match self.token.load() {
+            Ok(token) => {
+                if let Err(e) = self.client.set_token(&token) {
+                    warn!(error = %e, "cannot use the reloaded API token");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot reload the API token"),
+        }
+    }
+
+    async fn record_and_ack(
+        &self,
+        work: &Work,
+        job: &Job,
+        accepted: Accepted,
+        attempts: u64,
+    ) -> Outcome {
+        let record = Delivered {
+            delivered_at_ms: now_ms(),
+            kind: job.kind().as_str().to_owned(),
+            blinger_id: accepted.blinger_id,
+            blinger_status: accepted.blinger_status,
+            attempts: attempts.min(u32::MAX as u64) as u32,
+        };
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let started = Instant::now();
+            match self.store.record(&job.id, &record).await {
+                Ok(()) => {
+                    self.metrics
+                        .store_flush_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    self.health.set_store_ok(true);
+                    break;
+                }
+                Err(e) => {
+                    // Blinger has the job but we cannot prove it after a crash: never ack
+                    // without the record. Hold the job and retry; readiness reports the store.
+                    self.health.set_store_ok(false);
+                    error!(id = %job.id, error = %e, "cannot record a delivery; holding its ack until the store recovers");
+                    if !self.sleep_unless(&self.abort, delay).await {
+                        return Outcome::HandedBack;
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        self.ack(work).await;
+        let kind = job.kind().as_str();
+        self.metrics.jobs_delivered.with_label_values(&[kind]).inc();
+        self.metrics
+            .delivery_latency
+            .with_label_values(&[kind])
+            .observe(self.latency(work).as_secs_f64());
+        debug!(id = %job.id, kind, attempts, "delivered");
+        Outcome::Delivered
+    }
+
+    /// Republishes the job to delay tier `tier` and acks it. `failure` is `None` for a job that
+    /// only follows its conversation's parked job (its own counters are unchanged).
+    async fn park(
+        &self,
+        work: &Work,
+        job: &Job,
+        tier: usize,
+        failure: Option<(&Failure, u64, u64)>,
+    ) -> Outcome {
+        let mut extra = vec![(
+            headers::FIRST_SEEN,
+            AMQPValue::LongLongInt(self.first_seen_ms(work) as i64),
+        )];
+        if let Some((failure, attempts, retries)) = failure {
+            extra.push((headers::ATTEMPTS, AMQPValue::LongLongInt(attempts as i64)));
+            extra.push((headers::RETRIES, AMQPValue::LongLongInt(retries as i64)));
+            extra.push((
+                headers::ERROR,
+                amqp::string_value(&truncate(&failure.detail)),
+            ));
+            if let Some(status) = failure.status {
+                extra.push((headers::STATUS, AMQPValue::LongInt(status.into())));
+            }
+        }
+        let queue = &self.topology.tiers[tier];
+        let properties = amqp::with_headers(&work.delivery.properties, extra);
+        if !self.republish(work, queue, properties).await {
+            return Outcome::HandedBack;
+        }
+        let delay = self.policy.tiers[tier];
+        {
+            let mut parked = self.parked.lock().expect("parked lock");
+            let entry = parked.entry(job.conversation_id.clone()).or_insert(Parked {
+                head: job.id,
+                tier,
+                expires: Instant::now(),
+            });
+            if failure.is_some() {
+                entry.head = job.id;
+                entry.tier = tier;
+            }
+            entry.expires = Instant::now() + delay * 2 + Duration::from_secs(60);
+        }
+        self.ack(work).await;
+        if failure.is_some() {
+            info!(id = %job.id, queue, "parked in a delay tier");
+        } else {
+            debug!(id = %job.id, queue, "following its conversation's parked job");
+        }
+        Outcome::Parked
+    }
+
+    /// The tier a job must follow its conversation's parked job into, if any. The parked job
+    /// itself coming back clears the mark.
+    fn follows_parked(&self, job: &Job) -> Option<usize> {
+        let mut parked = self.parked.lock().expect("parked lock");
+        let entry = parked.get(&job.conversation_id)?;
+        if entry.head == job.id || entry.expires <= Instant::now() {
+            parked.remove(&job.conversation_id);
+            return None;
+        }
+        Some(entry.tier)
+    }
+
+    async fn dead_letter(
+        &self,
+        work: &Work,
+        reason: DeadReason,
+        error_text: &str,
+        status: Option<u16>,
+        attempts: u64,
+    ) -> Outcome {
+        let mut extra = vec![
+            (headers::REASON, amqp::string_value(reason.as_str())),
+            (headers::ERROR, amqp::string_value(&truncate(error_text))),
+            (headers::ATTEMPTS, AMQPValue::LongLongInt(attempts as i64)),
+        ];
+        if let Some(status) = status {
+            extra.push((headers::STATUS, AMQPValue::LongInt(status.into())));
+        }
+        let properties = amqp::with_headers(&work.delivery.properties, extra);
+        let queue = self.topology.dead_letter_queue.clone();
+        if !self.republish(work, &queue, properties).await {
+            return Outcome::HandedBack;
+        }
+        self.ack(work).await;
+        let kind = kind_label(work.kind());
+        self.metrics
+            .jobs_dead_lettered
+            .with_label_values(&[kind, reason.as_str()])
+            .inc();
+        let id = work
+            .job
+            .as_ref()
+            .map(|j| j.id.to_string())
+            .unwrap_or_default();
+        warn!(id, kind, reason = reason.as_str(), error = %truncate(error_text), "dead-lettered");
+        Outcome::DeadLettered(reason)
+    }
+
+    /// Publishes a copy of the delivery to `queue` and waits for the confirm. On repeated
+    /// failure the delivery is handed back (nack with requeue) so it is not held forever.
+    async fn republish(
+        &self,
+        work: &Work,
+        queue: &str,
+        properties: lapin::BasicProperties,
+    ) -> bool {
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=3 {
+            if work.session.alive.is_cancelled() {
+                return false;
+            }
+            match amqp::publish_confirmed(
+                &work.session.publish,
+                "",
+                queue,
+                &work.delivery.data,
+                properties.clone(),
+            )
+            .await
+            {
+                Ok(()) => return true,
+                Err(e) => {
+                    warn!(queue, attempt, error = %e, "republish failed");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+            }
+        }
+        let _ = work
+            .delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await;
+        false
+    }
+
+    async fn ack(&self, work: &Work) {
+        if let Err(e) = work.delivery.acker.ack(BasicAckOptions::default()).await {
+            // The session is gone; the broker redelivers and the store makes that a duplicate.
+            debug!(error = %e, "ack failed");
+        }
+    }
+
+    fn prior_attempts(&self, work: &Work) -> u64 {
+        amqp::header_u64(&work.delivery.properties, headers::ATTEMPTS).unwrap_or(0)
+    }
+
+    fn first_seen_ms(&self, work: &Work) -> u64 {
+        amqp::header_u64(&work.delivery.properties, headers::FIRST_SEEN).unwrap_or(work.received_ms)
+    }
+
+    /// From the AMQP timestamp (seconds, or milliseconds if the publisher wrote those), else
+    /// from the first receipt.
+    fn latency(&self, work: &Work) -> Duration {
+        let now = now_ms();
+        let start_ms = match *work.delivery.properties.timestamp() {
+            Some(ts) if ts > 100_000_000_000 => ts,
+            Some(ts) if ts > 0 => ts * 1000,
+            _ => self.first_seen_ms(work),
+        };
+        Duration::from_millis(now.saturating_sub(start_ms))
+    }
+
+    /// Sleeps, unless `stop` fires first (returns false then).
+    async fn sleep_unless(&self, stop: &CancellationToken, delay: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+fn truncate(s: &str) -> String {
+    match s.char_indices().nth(MAX_ERROR_CHARS) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_owned(),
+    }
+}

@@ -1,0 +1,344 @@
+//! The worker's lifecycle: start (validate settings, open the store, reach the broker), consume
+//! across reconnects, and shut down gracefully.
+//!
+//! - Start fails with one clear line naming the setting: no token, an unreadable token file, a
+//!   data directory that cannot be opened, a metrics port in use, a broker that cannot be reached.
+//! - Once running, a lost broker connection is retried forever with capped backoff; the topology
+//!   is re-declared and consumption resumes. Jobs of the lost session are not acked; the broker
+//!   redelivers them and the store turns those already accepted by Blinger into duplicates.
+//! - Shutdown: stop consuming, let the jobs already received finish within the grace period,
+//!   hand back what remains (closing the channel returns unacked messages), flush the store.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::amqp::{AmqpError, Session, Topology};
+use crate::blinger::Client;
+use crate::blinger::client::ClientError;
+use crate::config::{ConfigError, RunSettings, TokenSource, redact_url};
+use crate::dispatch::Dispatcher;
+use crate::pipeline::{Pipeline, SessionLink};
+use crate::ratelimit::Limiter;
+use crate::retry::RetryPolicy;
+use crate::store::{Store, StoreError};
+use crate::telemetry::{Health, Metrics};
+
+/// Why the worker could not start. Each message names the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("BLINGER_WORKER_DATA_DIR: {0}")]
+    Store(#[from] StoreError),
+    #[error("BLINGER_API_TOKEN: {0}")]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error("{0}")]
+    MetricsPort(std::io::Error),
+}
+
+/// How long a hand-back may take once the grace period is over: jobs mid-call get this long to
+/// see their answer before the channel closes under them.
+const AFTER_GRACE: Duration = Duration::from_secs(5);
+
+pub struct Worker {
+    settings: RunSettings,
+    pipeline: Arc<Pipeline>,
+    dispatcher: Arc<Dispatcher>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    listener: TcpListener,
+    first_session: Session,
+    stopping: CancellationToken,
+}
+
+impl Worker {
+    /// Validates the settings and opens everything, or says which setting is wrong.
+    pub async fn start(settings: RunSettings) -> Result<Worker, StartError> {
+        settings.validate()?;
+        let token_source = TokenSource::from_settings(&settings)?;
+        let token = token_source.load()?;
+        let metrics = Metrics::new();
+        let health = Health::new(metrics.clone());
+        std::fs::create_dir_all(&settings.data_dir).map_err(|e| StoreError::Open {
+            path: settings.data_dir.display().to_string(),
+            source: sled::Error::Io(e),
+        })?;
+        let store = Store::open(&settings.data_dir)?;
+        store.check_writable().await?;
+        let client = Client::new(&settings.api_url, &token, settings.request_timeout)?;
+        let listener = crate::ops_http::bind(settings.metrics_addr)
+            .await
+            .map_err(StartError::MetricsPort)?;
+        let topology = Topology::new(&settings.amqp);
+        let first_session = Session::open(
+            &settings.amqp,
+            &topology,
+            settings.prefetch,
+            &connection_name(),
+        )
+        .await?;
+        let stopping = CancellationToken::new();
+        let limiter = Limiter::new(
+            NonZeroU32::new(settings.rate_limit).expect("validated by clap"),
+            NonZeroU32::new(settings.rate_burst).expect("validated by clap"),
+        );
+        let policy = RetryPolicy::new(
+            settings.max_in_process_attempts,
+            settings.amqp.retry_delays.0.clone(),
+        );
+        let pipeline = Arc::new(Pipeline::new(
+            client,
+            token_source,
+            store,
+            limiter,
+            policy,
+            topology,
+            metrics.clone(),
+            health.clone(),
+            stopping.clone(),
+        ));
+        let dispatcher = Dispatcher::new(
+            pipeline.clone(),
+            settings.concurrency as usize,
+            settings.max_body_bytes,
+        );
+        Ok(Worker {
+            settings,
+            pipeline,
+            dispatcher,
+            metrics,
+            health,
+            listener,
+            first_session,
+            stopping,
+        })
+    }
+
+    /// The bound metrics address (useful when the setting asked for port 0).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Runs until `shutdown` fires, then shuts down gracefully.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Worker {
+            settings,
+            pipeline,
+            dispatcher,
+            metrics,
+            health,
+            listener,
+            first_session,
+            stopping,
+        } = self;
+        let ops_stop = CancellationToken::new();
+        let ops = tokio::spawn(crate::ops_http::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            ops_stop.clone(),
+        ));
+        let pruner = tokio::spawn(prune_forever(
+            pipeline.store.clone(),
+            settings.retention,
+            shutdown.clone(),
+        ));
+
+        info!(
+            amqp = %redact_url(settings.amqp.url.expose()),
+            api = %settings.api_url,
+            queue = %settings.amqp.queue,
+            concurrency = settings.concurrency,
+            prefetch = settings.prefetch,
+            rate_limit = settings.rate_limit,
+            "blinger-worker running"
+        );
+
+        let mut next_session = Some(first_session);
+        let mut reconnect_delay = Duration::from_millis(500);
+        loop {
+            let session = match next_session.take() {
+                Some(session) => session,
+                None => {
+                    let topology = &pipeline.topology;
+                    let name = connection_name();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        opened = Session::open(&settings.amqp, topology, settings.prefetch, &name) => match opened {
+                            Ok(session) => {
+                                info!("reconnected to RabbitMQ");
+                                session
+                            }
+                            Err(e) => {
+                                warn!(error = %e, retry_in = ?reconnect_delay, "RabbitMQ unavailable");
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => break,
+                                    _ = tokio::time::sleep(reconnect_delay) => {}
+                                }
+                                reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(30));
+                                continue;
+                            }
+                        }
+                    }
+                }
+            };
+            reconnect_delay = Duration::from_millis(500);
+            let ended = consume(&settings, &session, &dispatcher, &health, &shutdown).await;
+            match ended {
+                Ended::Lost(reason) => {
+                    health.set_amqp_connected(false);
+                    warn!(%reason, "lost RabbitMQ; reconnecting (unacked jobs will be redelivered)");
+                    session.close().await;
+                }
+                Ended::Shutdown(link) => {
+                    drain(&settings, &pipeline, &dispatcher, &stopping).await;
+                    link.alive.cancel();
+                    session.close().await;
+                    health.set_amqp_connected(false);
+                    break;
+                }
+            }
+        }
+        // Shutdown before or between sessions also lands here.
+        stopping.cancel();
+        pipeline.abort.cancel();
+        dispatcher.drained().await;
+        pruner.abort();
+        let store = pipeline.store.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || store.flush_blocking()).await? {
+            error!(error = %e, "flushing the store at shutdown");
+        }
+        ops_stop.cancel();
+        let _ = ops.await;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+enum Ended {
+    Lost(String),
+    Shutdown(Arc<SessionLink>),
+}
+
+/// Consumes one session until it is lost or shutdown is requested.
+async fn consume(
+    settings: &RunSettings,
+    session: &Session,
+    dispatcher: &Arc<Dispatcher>,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let link = Arc::new(SessionLink {
+        publish: session.publish.clone(),
+        alive: CancellationToken::new(),
+    });
+    let tag = format!("blinger-worker-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = match session
+        .consume
+        .basic_consume(
+            settings.amqp.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(consumer) => consumer,
+        Err(e) => {
+            link.alive.cancel();
+            return Ended::Lost(format!("basic.consume failed: {e}"));
+        }
+    };
+    health.set_amqp_connected(true);
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    let ended = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let _ = session.consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                break Ended::Shutdown(link.clone());
+            }
+            delivery = consumer.next() => match delivery {
+                Some(Ok(delivery)) => dispatcher.submit(delivery, &link),
+                Some(Err(e)) => break Ended::Lost(e.to_string()),
+                None => break Ended::Lost("consumer closed".into()),
+            },
+            _ = check.tick() => {
+                if !session.publish.status().connected() || !session.connection.status().connected() {
+                    break Ended::Lost("channel closed".into());
+                }
+            }
+        }
+    };
+    if matches!(ended, Ended::Lost(_)) {
+        link.alive.cancel();
+    }
+    ended
+}
+
+/// Lets received jobs finish within the grace period, then hands back the rest.
+async fn drain(
+    settings: &RunSettings,
+    pipeline: &Pipeline,
+    dispatcher: &Dispatcher,
+    stopping: &CancellationToken,
+) {
+    stopping.cancel();
+    let pending = dispatcher.pending();
+    info!(pending, grace = ?settings.shutdown_grace, "consumption stopped; finishing received jobs");
+    if tokio::time::timeout(settings.shutdown_grace, dispatcher.drained())
+        .await
+        .is_err()
+    {
+        let left = dispatcher.pending();
+        warn!(
+            left,
+            "shutdown grace over; handing the remaining jobs back to the broker"
+        );
+        pipeline.abort.cancel();
+        let _ = tokio::time::timeout(AFTER_GRACE, dispatcher.drained()).await;
+    }
+}
+
+async fn prune_forever(store: Store, retention: Duration, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.prune(retention)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => info!(removed, "pruned old delivered records"),
+            Ok(Err(e)) => warn!(error = %e, "pruning the store"),
+            Err(e) => warn!(error = %e, "pruning task failed"),
+        }
+    }
+}
+
+fn connection_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("blinger-worker@{host}")
+}
