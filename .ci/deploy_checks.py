@@ -602,6 +602,19 @@ def dashboard_check(workdir: Path) -> None:
     print(f"      ({len(exprs)} queries in {sum(p.get('type') != 'row' for p in dash['panels'])} panels)")
 
 
+@step("packaged chart (.tgz) carries the dashboard and renders")
+def packaged_check(workdir: Path) -> None:
+    archive = helm_python.package(CHART, destination=workdir)
+    chart = helm_python.Chart.load(archive)
+    names = {f["name"] for f in chart.files}
+    if "dashboards/blinger-worker.json" not in names:
+        fail(f"dashboards/blinger-worker.json not in {Path(archive).name} (.helmignore?): {sorted(names)}")
+    cm = chart.render({"dashboard": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE)
+    doc = yaml.safe_load(cm["blinger-worker/templates/dashboard-configmap.yaml"])
+    if json.loads(doc["data"]["blinger-worker.json"]) != json.loads(DASHBOARD.read_text()):
+        fail("the packaged chart's dashboard ConfigMap differs from the dashboard file")
+
+
 # --------------------------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -630,6 +643,7 @@ def main() -> int:
             if text is not None:
                 promtool_check(label, text, workdir)
         rules_equal(args.write_rules)
+        packaged_check(workdir)
     if failures:
         print(f"\ndeploy checks: {len(failures)} FAILED:", file=sys.stderr)
         for f in failures:

@@ -81,6 +81,7 @@ prometheus \
   --config.file="$tmp/prometheus.yml" \
   --storage.tsdb.path="$tmp/data" \
   --web.listen-address="127.0.0.1:${prom_port}" \
+  --log.level=warn \
   >"$tmp/prometheus.log" 2>&1 &
 prom_pid=$!
 
@@ -106,7 +107,7 @@ if ((!up)); then
   curl -sf "${api}/api/v1/targets" | python3 -c '
 import json, sys
 for t in json.load(sys.stdin)["data"]["activeTargets"]:
-    print(f"  target {t[\"scrapeUrl\"]}: health={t[\"health\"]} lastError={t[\"lastError\"]!r}", file=sys.stderr)' || true
+    print("  target %s: health=%s lastError=%r" % (t["scrapeUrl"], t["health"], t["lastError"]), file=sys.stderr)' || true
   die "target ${target} not up after 30s"
 fi
 echo "prometheus-scrape-check: target ${target} is up"

@@ -10,16 +10,31 @@ use clap::Parser;
 
 /// A sandbox Blinger API server that records every request.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about = "A sandbox Blinger API: the four endpoints, Authorization checked, every request \
+             recorded (/_sandbox/stats, /_sandbox/requests, --record FILE), failures injectable",
+    long_about = None
+)]
 struct Args {
     /// Address to listen on.
-    #[arg(long, env = "BLINGER_SANDBOX_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "BLINGER_SANDBOX_ADDR",
+        default_value = "127.0.0.1:8080",
+        hide_env_values = true
+    )]
     addr: SocketAddr,
     /// The exact Authorization header value accepted.
     #[arg(long, env = "BLINGER_SANDBOX_TOKEN", default_value = DEFAULT_TOKEN, hide_env_values = true)]
     token: String,
     /// Append every request as one JSON line to this file.
-    #[arg(long, env = "BLINGER_SANDBOX_RECORD", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "BLINGER_SANDBOX_RECORD",
+        value_name = "FILE",
+        hide_env_values = true
+    )]
     record: Option<PathBuf>,
     /// Fixed delay before every answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
@@ -120,6 +135,7 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let sandbox = match Sandbox::start(args.addr, args.config(), args.record.clone()).await {
@@ -130,7 +146,6 @@ async fn main() -> std::process::ExitCode {
         }
     };
     tracing::info!(
-        base_url = %sandbox.base_url(),
         control = %format!("{}/_sandbox/stats", sandbox.root_url()),
         record = ?args.record,
         "blinger sandbox listening on {}",

@@ -528,7 +528,7 @@ async fn handle(
         .get(header::AUTHORIZATION)
         .is_some_and(|v| v.as_bytes() == config.token.as_bytes());
     let content_type = header_str(&headers, header::CONTENT_TYPE);
-    let (raw, too_large) = match axum::body::to_bytes(body, MAX_BODY).await {
+    let (raw, unreadable) = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => (b, false),
         Err(_) => (axum::body::Bytes::new(), true),
     };
@@ -586,9 +586,10 @@ async fn handle(
             plain_status(StatusCode::UNAUTHORIZED),
         );
     }
-    if too_large {
+    if unreadable {
         let status = StatusCode::PAYLOAD_TOO_LARGE;
-        let body = json!({ "status": status.as_u16(), "data": null, "error": "body too large" });
+        let error = format!("body over {MAX_BODY} bytes, or interrupted");
+        let body = json!({ "status": status.as_u16(), "data": null, "error": error });
         return finish(rec, Outcome::BadRequest, json_response(status, &body));
     }
     let payload = match validate(endpoint, content_type.as_deref(), &raw, &rec.body) {
