@@ -14,6 +14,7 @@
 //! - [`dispatch`]: per-conversation ordering and concurrency;
 //! - [`telemetry`]: metrics, health flags, logs; [`ops_http`]: /metrics /healthz /readyz;
 //! - [`shutdown`]: signals; [`worker`]: lifecycle and reconnects;
+//! - [`ops`]: the operator commands (`publish`, `dlq`, `store`);
 //! - [`sandbox`]: a stand-in Blinger server for tests, demos and benchmarks.
 
 pub mod amqp;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod dispatch;
 pub mod failure;
 pub mod job;
+pub mod ops;
 pub mod ops_http;
 pub mod pause;
 pub mod pipeline;

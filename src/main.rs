@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use blinger_worker::config::RunSettings;
+use blinger_worker::ops::{dlq, publish, store_cmd};
 use blinger_worker::{shutdown, telemetry, worker::Worker};
 
 /// Delivers jobs from RabbitMQ to the Blinger chat-widget API, exactly once, in order per
@@ -23,6 +24,12 @@ enum Command {
     ///
     /// Example: BLINGER_API_TOKEN=... AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f blinger-worker run
     Run(Box<RunSettings>),
+    /// Publish jobs (from flags, or JSON Lines on stdin), validated first, publisher-confirmed.
+    Publish(Box<publish::PublishArgs>),
+    /// Inspect, replay or purge the dead-letter queue.
+    Dlq(Box<dlq::DlqArgs>),
+    /// Inspect or prune the idempotency store.
+    Store(store_cmd::StoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +47,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(settings) => run(*settings).await,
+            // The operator commands' errors tell their whole story in one line; their source
+            // chains would only repeat it, so they cross the edge as plain messages.
+            Command::Publish(args) => publish::run(&args).await.map(drop).map_err(one_line),
+            Command::Dlq(args) => dlq::run(&args).await.map_err(one_line),
+            Command::Store(args) => store_cmd::run(&args).await.map_err(one_line),
         }
     });
     match result {
@@ -49,6 +61,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn one_line(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::msg(e.to_string())
 }
 
 async fn run(settings: RunSettings) -> anyhow::Result<()> {

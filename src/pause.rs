@@ -64,6 +64,9 @@ impl PauseGate {
 
     /// Waits until not paused. Returns false if `stop` fires first.
     pub async fn wait_open(&self, stop: &CancellationToken) -> bool {
+        if !self.is_paused() {
+            return true;
+        }
         let mut rx = self.paused.subscribe();
         tokio::select! {
             biased;
@@ -126,11 +129,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stop_releases_waiters() {
+    async fn stop_releases_waiters_but_an_open_gate_stays_open() {
         let gate = PauseGate::new(Health::new(Metrics::new()));
-        gate.pause();
         let stop = CancellationToken::new();
         stop.cancel();
+        // Shutting down while not paused: jobs in flight still go through.
+        assert!(gate.wait_open(&stop).await);
+        gate.pause();
         assert!(!gate.wait_open(&stop).await);
     }
 }

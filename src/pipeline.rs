@@ -245,7 +245,11 @@ impl Pipeline {
                     )
                     .await;
             }
-            self.limiter.acquire().await;
+            tokio::select! {
+                biased;
+                _ = self.abort.cancelled() => return Outcome::HandedBack,
+                _ = self.limiter.acquire() => {}
+            }
             attempts += 1;
             let started = Instant::now();
             let result = self.client.send(job).await;
@@ -520,38 +524,34 @@ impl Pipeline {
             if work.session.alive.is_cancelled() {
                 return false;
             }
-            match amqp::publish_confirmed(
+            let published = amqp::publish_confirmed(
                 &work.session.publish,
                 "",
                 queue,
                 &work.delivery.data,
                 properties.clone(),
-            )
-            .await
-            {
-                Ok(()) => return true,
-                Err(e) => {
-                    warn!(queue, attempt, error = %e, "republish failed");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
-                }
+            );
+            match on_session(work, published).await {
+                Some(Ok(())) => return true,
+                Some(Err(e)) => warn!(queue, attempt, error = %e, "republish failed"),
+                None => warn!(queue, attempt, "republish not confirmed"),
             }
+            tokio::time::sleep(delay).await;
+            delay *= 4;
         }
-        let _ = work
-            .delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await;
+        let nack = work.delivery.acker.nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        });
+        let _ = on_session(work, nack).await;
         false
     }
 
     async fn ack(&self, work: &Work) {
-        if let Err(e) = work.delivery.acker.ack(BasicAckOptions::default()).await {
+        let acked = on_session(work, work.delivery.acker.ack(BasicAckOptions::default())).await;
+        if !matches!(acked, Some(Ok(_))) {
             // The session is gone; the broker redelivers and the store makes that a duplicate.
-            debug!(error = %e, "ack failed");
+            debug!(?acked, "ack not done");
         }
     }
 
@@ -582,6 +582,20 @@ impl Pipeline {
             _ = stop.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
         }
+    }
+}
+
+/// Longest wait for the broker to answer an ack, nack or publish.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a broker operation for a delivery, unless its session dies first or the broker does not
+/// answer in time. lapin does not always fail operations on a connection that died under them,
+/// and a stuck ack would stall the delivery's whole conversation.
+async fn on_session<T>(work: &Work, operation: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = work.session.alive.cancelled() => None,
+        result = tokio::time::timeout(BROKER_TIMEOUT, operation) => result.ok(),
     }
 }
 

@@ -54,6 +54,9 @@ pub struct StoreStats {
 
 type FlushWaiter = oneshot::Sender<Result<(), String>>;
 
+/// Page cache of the store. Lookups are by exact key and mostly for recent jobs.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Cheap to clone; all clones share one database and one flusher.
 #[derive(Clone)]
 pub struct Store {
@@ -66,6 +69,7 @@ struct Inner {
     /// Key: delivered_at (ms, big-endian) ++ uuid. Lets pruning read only what is old.
     by_time: sled::Tree,
     flush_requests: mpsc::UnboundedSender<FlushWaiter>,
+    flusher: tokio::task::JoinHandle<()>,
 }
 
 impl Store {
@@ -81,18 +85,21 @@ impl Store {
             // Durability comes from our group commit; the background flush only bounds how much
             // un-acked work a crash can lose.
             .flush_every_ms(Some(1000))
+            // sled's default page cache is 1 GiB; records are small and hot ones are recent.
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(open_err)?;
         let delivered = db.open_tree("delivered").map_err(open_err)?;
         let by_time = db.open_tree("delivered_by_time").map_err(open_err)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(db.clone(), rx));
+        let flusher = tokio::spawn(flusher(db.clone(), rx));
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 delivered,
                 by_time,
                 flush_requests: tx,
+                flusher,
             }),
         })
     }
@@ -160,10 +167,33 @@ impl Store {
         })
     }
 
-    /// Flushes synchronously; used at shutdown after the flusher's callers are gone.
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.inner.db.flush()?;
-        Ok(())
+    /// Flushes and, if this is the last handle, closes the database and releases its lock
+    /// before returning (a restarted worker, or an operator command, can open it at once).
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.flush().await?;
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => {
+                let Inner {
+                    db,
+                    delivered,
+                    by_time,
+                    flush_requests,
+                    flusher,
+                } = inner;
+                drop((delivered, by_time, flush_requests));
+                let _ = flusher.await;
+                tokio::task::spawn_blocking(move || {
+                    let result = db.flush();
+                    drop(db);
+                    result
+                })
+                .await
+                .map_err(|e| StoreError::Io(sled::Error::Io(std::io::Error::other(e))))??;
+                Ok(())
+            }
+            // Someone still holds a handle; everything written is durable all the same.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Whether the store is writable right now (for readiness): a tiny write and flush.
@@ -221,22 +251,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn records_survive_reopen() {
+    async fn records_survive_close_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let id = Uuid::new_v4();
-        {
-            let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.get(&id).unwrap(), None);
-            store.record(&id, &record(now_ms())).await.unwrap();
-        }
-        // The flusher task holds a clone of the db until the runtime drops it; give it a moment.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let store = loop {
-            match Store::open(dir.path()) {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get(&id).unwrap(), None);
+        store.record(&id, &record(now_ms())).await.unwrap();
+        assert!(Store::open(dir.path()).is_err(), "locked while open");
+        store.close().await.unwrap();
+        // close() released the lock: no waiting.
+        let store = Store::open(dir.path()).unwrap();
         assert_eq!(
             store.get(&id).unwrap().unwrap().blinger_id.as_deref(),
             Some("m1")

@@ -183,6 +183,12 @@ impl Metrics {
             metrics.jobs_duplicate.with_label_values(&[kind]);
             metrics.jobs_retried.with_label_values(&[kind]);
         }
+        for kind in Kind::ALL {
+            metrics.delivery_latency.with_label_values(&[kind.as_str()]);
+            metrics
+                .api_request_duration
+                .with_label_values(&[kind.endpoint()]);
+        }
         Arc::new(metrics)
     }
 

@@ -223,10 +223,21 @@ impl Worker {
         // Shutdown before or between sessions also lands here.
         stopping.cancel();
         pipeline.abort.cancel();
-        dispatcher.drained().await;
+        // A job mid-call gets its answer (bounded by the request timeout); anything still
+        // running after that is abandoned unacked, and the broker redelivers it.
+        let last_calls = settings.request_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(last_calls, dispatcher.drained())
+            .await
+            .is_err()
+        {
+            warn!("jobs still running at exit; the broker will redeliver them");
+        }
         pruner.abort();
+        let _ = pruner.await;
         let store = pipeline.store.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || store.flush_blocking()).await? {
+        drop(dispatcher);
+        drop(pipeline);
+        if let Err(e) = store.close().await {
             error!(error = %e, "flushing the store at shutdown");
         }
         ops_stop.cancel();
@@ -277,6 +288,13 @@ async fn consume(
             biased;
             _ = shutdown.cancelled() => {
                 let _ = session.consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                // Deliveries already sent before the cancel still arrive: take them too, so the
+                // grace period applies to everything this worker holds.
+                while let Ok(Some(Ok(delivery))) =
+                    tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+                {
+                    dispatcher.submit(delivery, &link);
+                }
                 break Ended::Shutdown(link.clone());
             }
             delivery = consumer.next() => match delivery {

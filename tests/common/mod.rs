@@ -96,6 +96,12 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(test: &str) -> TestEnv {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "blinger_worker=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let broker = broker().await;
         let sandbox = Sandbox::start(
             "127.0.0.1:0".parse().unwrap(),

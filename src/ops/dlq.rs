@@ -1,0 +1,1119 @@
+//! `blinger-worker dlq`: look into the dead-letter queue and repair it without writing scripts.
+//!
+//! Reading never consumes: messages are fetched with `basic.get` *without* ack on a dedicated
+//! channel and handed back by closing that channel (or by the connection dropping, if the command
+//! dies), so `list` and `show` leave the queue as they found it, in the same order. With quorum
+//! queues the broker counts each hand-back as a delivery (`x-delivery-count`); that is harmless
+//! only because the dead-letter queue has no delivery limit, which the topology guarantees.
+//!
+//! `replay` guarantees, for each selected message:
+//! - it is republished to the exchange (routing key = its kind) with the same body and
+//!   properties, minus the worker's `x-blinger-*` bookkeeping and the broker's `x-death` trail,
+//!   so the worker treats it as a fresh job (attempts reset);
+//! - its dead-letter copy is acked only after the broker confirmed the republish: a crash in
+//!   between leaves a duplicate (the job in both queues), never a loss, and the worker's store
+//!   turns a duplicate of a delivered job into a no-op;
+//! - messages that are not selected stay in the dead-letter queue, in their order;
+//! - it terminates: it looks at no more messages than the queue held when it started, so a
+//!   message dead-lettered again during the replay is not picked up a second time.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, ExchangeKind, PublisherConfirm};
+use serde::Serialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{ConfirmError, Link, clip, human_age, judge, progress, table};
+use crate::amqp::{self, AmqpError, headers};
+use crate::config::{AmqpSettings, parse_duration};
+
+/// Inspect, replay or purge the dead-letter queue.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Examples:
+  blinger-worker dlq list
+  blinger-worker dlq show 554f11c1-ec1e-4fdb-9953-bfad33013f58
+  blinger-worker dlq replay --reason retries-exhausted --dry-run
+  blinger-worker dlq purge --yes")]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqCommand {
+    /// List dead-lettered jobs (oldest first) without removing them.
+    #[command(after_help = "\
+Examples:
+  blinger-worker dlq list
+  blinger-worker dlq list --limit 1000 --json | jq -r '.[] | select(.reason == \"rejected\") | .id'
+
+REASON is x-blinger-reason (invalid, rejected, retries-exhausted, expired), or the broker's own
+reason (e.g. delivery_limit) when RabbitMQ dead-lettered the message itself.")]
+    List(ListArgs),
+    /// Show one dead-lettered job with all its headers and its body.
+    #[command(after_help = "\
+Example:
+  blinger-worker dlq show 554f11c1-ec1e-4fdb-9953-bfad33013f58")]
+    Show(ShowArgs),
+    /// Republish selected dead-lettered jobs to the exchange, attempts reset.
+    #[command(after_help = "\
+Examples:
+  blinger-worker dlq replay --reason retries-exhausted --dry-run
+  blinger-worker dlq replay --reason retries-exhausted
+  blinger-worker dlq replay --kind send-file --older-than 2h --limit 500
+  blinger-worker dlq replay --id 554f11c1-ec1e-4fdb-9953-bfad33013f58 --id 0c7d4b0e-3c55-4c1e-9a43-8f0f5d1a2b3c
+  blinger-worker dlq replay --all
+
+Filters of different kinds must all match; a repeated filter matches any of its values. A
+replayed message leaves the dead-letter queue only after RabbitMQ confirmed its republish;
+the others stay where they are, in order.")]
+    Replay(ReplayArgs),
+    /// Delete every message in the dead-letter queue.
+    #[command(after_help = "\
+Examples:
+  blinger-worker dlq purge          # asks for confirmation on the terminal
+  blinger-worker dlq purge --yes    # scripts: no question asked")]
+    Purge(PurgeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub amqp: AmqpSettings,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Show at most this many messages, from the head of the queue.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub amqp: AmqpSettings,
+    /// Job id (the `id` field of the body, or the AMQP message-id).
+    pub id: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub amqp: AmqpSettings,
+    /// Only messages dead-lettered for this reason (repeatable).
+    #[arg(long)]
+    pub reason: Vec<String>,
+    /// Only jobs of this kind (repeatable).
+    #[arg(long)]
+    pub kind: Vec<String>,
+    /// Only the job with this id (repeatable).
+    #[arg(long)]
+    pub id: Vec<String>,
+    /// Only messages at least this old (e.g. 30m, 2h, 7d), from their publish time.
+    #[arg(long, value_parser = parse_duration)]
+    pub older_than: Option<Duration>,
+    /// Every message (required when no filter is given).
+    #[arg(long, conflicts_with_all = ["reason", "kind", "id", "older_than"])]
+    pub all: bool,
+    /// Replay at most this many messages.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: Option<u32>,
+    /// Show what would be replayed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the replayed messages as a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Republishes awaiting their broker confirm at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub window: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub amqp: AmqpSettings,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error(
+        "queue {queue} does not exist (BLINGER_WORKER_DEAD_LETTER_QUEUE); has the worker or `publish` run against this broker?"
+    )]
+    NoQueue { queue: String },
+    #[error(
+        "exchange {exchange} does not exist (BLINGER_WORKER_EXCHANGE); start the worker once to declare the topology"
+    )]
+    NoExchange { exchange: String },
+    #[error(
+        "choose what to replay: --reason, --kind, --id, --older-than, or --all for every message"
+    )]
+    NoSelection,
+    #[error(
+        "refusing to purge {count} message(s) from {queue} without --yes: standard input is not a terminal to ask on"
+    )]
+    NeedsYes { queue: String, count: u32 },
+    #[error("purge cancelled: nothing was removed")]
+    Cancelled,
+    #[error("no dead-lettered message with id {id} in {queue}")]
+    NotFound { id: String, queue: String },
+    #[error(
+        "{failed} message(s) could not be replayed and stay in {queue} ({error}); {replayed} replayed"
+    )]
+    ReplayIncomplete {
+        failed: usize,
+        replayed: usize,
+        queue: String,
+        error: ConfirmError,
+    },
+    #[error("writing output: {0}")]
+    Output(std::io::Error),
+    #[error("reading the answer from the terminal: {0}")]
+    Prompt(std::io::Error),
+}
+
+/// One dead-lettered message, as on-call needs to see it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The job id from the body, else the AMQP message-id.
+    pub id: Option<String>,
+    /// The `kind` field of the body.
+    pub kind: Option<String>,
+    pub conversation_id: Option<String>,
+    /// `x-blinger-reason`, else the broker's dead-letter reason (e.g. `delivery_limit`).
+    pub reason: Option<String>,
+    /// `x-blinger-attempts`: HTTP calls made for the job.
+    pub attempts: Option<u64>,
+    /// `x-blinger-status`: the last HTTP status from Blinger.
+    pub status: Option<u64>,
+    /// `x-blinger-error`: what went wrong.
+    pub error: Option<String>,
+    /// When the job was published (AMQP timestamp), else first seen by the worker.
+    pub published_at: Option<String>,
+    pub age_seconds: Option<u64>,
+    /// The routing key a replay uses.
+    pub replay_routing_key: String,
+    /// Body size in bytes.
+    pub size: usize,
+}
+
+impl DeadLetter {
+    pub fn from_delivery(delivery: &Delivery, now: SystemTime) -> DeadLetter {
+        let props = &delivery.properties;
+        let body: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+        let field = |name: &str| {
+            body.as_ref()
+                .and_then(|b| b.get(name))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let id = field("id").or_else(|| props.message_id().as_ref().map(|m| m.to_string()));
+        let kind = field("kind");
+        let reason = amqp::header_string(props, headers::REASON)
+            .or_else(|| amqp::header_string(props, "x-last-death-reason"))
+            .or_else(|| broker_reason(props));
+        // AMQP timestamps are seconds; the worker's first-seen header is milliseconds.
+        let published_ms = props
+            .timestamp()
+            .map(|s| s.saturating_mul(1000))
+            .or_else(|| amqp::header_u64(props, headers::FIRST_SEEN));
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let published_at = published_ms.and_then(|ms| {
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .ok()
+                .and_then(|t| t.format(&Rfc3339).ok())
+        });
+        DeadLetter {
+            replay_routing_key: replay_routing_key(kind.as_deref(), delivery),
+            id,
+            kind,
+            conversation_id: field("conversation_id"),
+            reason,
+            attempts: amqp::header_u64(props, headers::ATTEMPTS),
+            status: amqp::header_u64(props, headers::STATUS),
+            error: amqp::header_string(props, headers::ERROR),
+            published_at,
+            age_seconds: published_ms.map(|ms| now_ms.saturating_sub(ms) / 1000),
+            size: delivery.data.len(),
+        }
+    }
+
+    fn row(&self) -> Vec<String> {
+        let dash = || "-".to_owned();
+        vec![
+            self.id.as_deref().map(|s| clip(s, 36)).unwrap_or_else(dash),
+            self.kind
+                .as_deref()
+                .map(|s| clip(s, 20))
+                .unwrap_or_else(dash),
+            self.reason.clone().unwrap_or_else(dash),
+            self.attempts.map(|a| a.to_string()).unwrap_or_else(dash),
+            self.status.map(|s| s.to_string()).unwrap_or_else(dash),
+            self.age_seconds
+                .map(|s| human_age(Duration::from_secs(s)))
+                .unwrap_or_else(dash),
+            self.error
+                .as_deref()
+                .map(|e| clip(e, 60))
+                .unwrap_or_else(dash),
+        ]
+    }
+}
+
+const COLUMNS: [&str; 7] = ["ID", "KIND", "REASON", "ATTEMPTS", "STATUS", "AGE", "ERROR"];
+
+/// The reason in the broker's most recent `x-death` entry (they are kept newest first).
+fn broker_reason(props: &BasicProperties) -> Option<String> {
+    x_death(props)
+        .first()
+        .and_then(|entry| table_string(entry, "reason"))
+}
+
+fn x_death(props: &BasicProperties) -> Vec<&FieldTable> {
+    let Some(AMQPValue::FieldArray(entries)) = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death"))
+    else {
+        return Vec::new();
+    };
+    entries
+        .as_slice()
+        .iter()
+        .filter_map(|e| match e {
+            AMQPValue::FieldTable(t) => Some(t),
+            _ => None,
+        })
+        .collect()
+}
+
+fn table_string(table: &FieldTable, key: &str) -> Option<String> {
+    match table.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The routing key of a replay: the job's kind from the body; for a body without a usable kind
+/// (an invalid job), the routing key it was first published with, as the broker recorded it in
+/// `x-death` or as delivered, when that was a publish to a named exchange (the worker moves
+/// messages through the default exchange, whose routing keys are queue names, not kinds).
+fn replay_routing_key(kind: Option<&str>, delivery: &Delivery) -> String {
+    if let Some(kind) = kind.filter(|k| !k.is_empty() && k.len() <= 255) {
+        return kind.to_owned();
+    }
+    let from_death = x_death(&delivery.properties)
+        .into_iter()
+        .rev()
+        .filter(|entry| table_string(entry, "exchange").is_some_and(|x| !x.is_empty()))
+        .find_map(|entry| match entry.inner().get("routing-keys") {
+            Some(AMQPValue::FieldArray(keys)) => keys.as_slice().iter().find_map(|k| match k {
+                AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            }),
+            _ => None,
+        });
+    from_death
+        .or_else(|| {
+            (!delivery.exchange.as_str().is_empty())
+                .then(|| delivery.routing_key.as_str().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Headers that describe the message's past in the worker or the broker, not the job: a replay
+/// drops them so the job starts over.
+fn is_bookkeeping(name: &str) -> bool {
+    name.starts_with("x-blinger-")
+        || name == "x-death"
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+        || name == "x-delivery-count"
+}
+
+/// The original properties without the bookkeeping headers, persistent.
+pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
+    let mut kept = FieldTable::default();
+    if let Some(headers) = props.headers() {
+        for (name, value) in headers.inner() {
+            if !is_bookkeeping(name.as_str()) {
+                kept.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    props.clone().with_headers(kept).with_delivery_mode(2)
+}
+
+/// What a replay selects.
+struct Selection<'a> {
+    args: &'a ReplayArgs,
+}
+
+impl Selection<'_> {
+    fn matches(&self, dead: &DeadLetter) -> bool {
+        let a = self.args;
+        if a.all {
+            return true;
+        }
+        let any = |wanted: &[String], got: Option<&str>| {
+            wanted.is_empty() || got.is_some_and(|g| wanted.iter().any(|w| w == g))
+        };
+        let id_matches = a.id.is_empty()
+            || dead
+                .id
+                .as_deref()
+                .is_some_and(|got| a.id.iter().any(|w| w.eq_ignore_ascii_case(got)));
+        any(&a.reason, dead.reason.as_deref())
+            && any(&a.kind, dead.kind.as_deref())
+            && id_matches
+            && a.older_than.is_none_or(|min| {
+                dead.age_seconds
+                    .is_some_and(|age| Duration::from_secs(age) >= min)
+            })
+    }
+}
+
+/// Walks the queue with `basic.get`, never further than the messages it held at the start.
+struct Scan<'a> {
+    channel: &'a Channel,
+    queue: &'a str,
+    left: u32,
+}
+
+impl Scan<'_> {
+    async fn next(&mut self) -> Result<Option<Delivery>, DlqError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let got = self
+            .channel
+            .basic_get(self.queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(AmqpError::Channel)?;
+        match got {
+            Some(message) => {
+                self.left -= 1;
+                Ok(Some(message.delivery))
+            }
+            None => {
+                self.left = 0;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Messages ready in the dead-letter queue; a clear error when it does not exist.
+async fn ready_count(channel: &Channel, queue: &str) -> Result<u32, DlqError> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => Ok(q.message_count()),
+        Err(e) if is_not_found(&e) => Err(DlqError::NoQueue {
+            queue: queue.to_owned(),
+        }),
+        Err(e) => Err(AmqpError::Channel(e).into()),
+    }
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err) if err.get_id() == 404)
+}
+
+fn write_out(text: &str) -> Result<(), DlqError> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(DlqError::Output)
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Serializing our own plain structs cannot fail; fall back to null rather than panic.
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into());
+    text.push('\n');
+    text
+}
+
+pub async fn run(args: &DlqArgs) -> Result<(), DlqError> {
+    match &args.command {
+        DlqCommand::List(a) => list(a).await,
+        DlqCommand::Show(a) => show(a).await,
+        DlqCommand::Replay(a) => replay(a).await.map(|_| ()),
+        DlqCommand::Purge(a) => purge(a).await,
+    }
+}
+
+/// Runs `body` with a fresh link and always closes it, which hands every fetched but unacked
+/// message back to the queue.
+async fn with_link<T>(
+    amqp: &AmqpSettings,
+    name: &str,
+    body: impl AsyncFnOnce(&Link) -> Result<T, DlqError>,
+) -> Result<T, DlqError> {
+    let link = Link::open(amqp, name, false).await?;
+    let result = body(&link).await;
+    link.close().await;
+    result
+}
+
+pub async fn list(args: &ListArgs) -> Result<(), DlqError> {
+    let queue = args.amqp.dead_letter_queue.as_str();
+    let (dead, total) = with_link(&args.amqp, "blinger-worker dlq list", async |link| {
+        let total = ready_count(&link.channel, queue).await?;
+        let mut scan = Scan {
+            channel: &link.channel,
+            queue,
+            left: total.min(args.limit),
+        };
+        let now = SystemTime::now();
+        let mut dead = Vec::new();
+        while let Some(delivery) = scan.next().await? {
+            dead.push(DeadLetter::from_delivery(&delivery, now));
+        }
+        Ok((dead, total))
+    })
+    .await?;
+    if args.json {
+        write_out(&to_json(&dead))?;
+    } else if !dead.is_empty() {
+        let rows: Vec<Vec<String>> = dead.iter().map(DeadLetter::row).collect();
+        write_out(&table(&COLUMNS, &rows))?;
+    }
+    let shown = dead.len();
+    if (shown as u64) < u64::from(total) {
+        eprintln!("{shown} of {total} dead-lettered message(s) in {queue} shown (--limit)");
+    } else {
+        eprintln!("{total} dead-lettered message(s) in {queue}");
+    }
+    Ok(())
+}
+
+/// Everything about one message, for `show`.
+#[derive(Debug, Serialize)]
+struct Detail {
+    #[serde(flatten)]
+    summary: DeadLetter,
+    exchange: String,
+    routing_key: String,
+    properties: BTreeMap<String, Value>,
+    headers: BTreeMap<String, Value>,
+    /// The body as JSON when it is JSON, else as (lossy) text.
+    body: Value,
+}
+
+impl Detail {
+    fn from_delivery(delivery: &Delivery, now: SystemTime) -> Detail {
+        let props = &delivery.properties;
+        let mut properties = BTreeMap::new();
+        let mut put = |name: &str, value: Option<Value>| {
+            if let Some(value) = value {
+                properties.insert(name.to_owned(), value);
+            }
+        };
+        let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().into());
+        put("content_type", s(props.content_type()));
+        put("content_encoding", s(props.content_encoding()));
+        put("delivery_mode", props.delivery_mode().map(Value::from));
+        put("priority", props.priority().map(Value::from));
+        put("correlation_id", s(props.correlation_id()));
+        put("reply_to", s(props.reply_to()));
+        put("expiration", s(props.expiration()));
+        put("message_id", s(props.message_id()));
+        put("timestamp", props.timestamp().map(Value::from));
+        put("type", s(props.kind()));
+        put("user_id", s(props.user_id()));
+        put("app_id", s(props.app_id()));
+        let headers = props
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), amqp_json(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let body = serde_json::from_slice(&delivery.data)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&delivery.data).into()));
+        Detail {
+            summary: DeadLetter::from_delivery(delivery, now),
+            exchange: delivery.exchange.as_str().to_owned(),
+            routing_key: delivery.routing_key.as_str().to_owned(),
+            properties,
+            headers,
+            body,
+        }
+    }
+
+    fn text(&self) -> String {
+        let d = &self.summary;
+        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+        let mut out = String::new();
+        let mut line = |label: &str, value: String| {
+            out.push_str(&format!("{label:<16}{value}\n"));
+        };
+        line("id:", opt(&d.id));
+        line("kind:", opt(&d.kind));
+        line("conversation:", opt(&d.conversation_id));
+        line("reason:", opt(&d.reason));
+        line("attempts:", num(d.attempts));
+        line("last status:", num(d.status));
+        line("error:", opt(&d.error));
+        let age = d
+            .age_seconds
+            .map(|s| format!(" ({} ago)", human_age(Duration::from_secs(s))))
+            .unwrap_or_default();
+        line("published:", format!("{}{age}", opt(&d.published_at)));
+        line("replays to:", d.replay_routing_key.clone());
+        line("size:", format!("{} bytes", d.size));
+        out.push_str("properties:\n");
+        for (k, v) in &self.properties {
+            out.push_str(&format!("  {k}: {}\n", compact(v)));
+        }
+        out.push_str("headers:\n");
+        for (k, v) in &self.headers {
+            out.push_str(&format!("  {k}: {}\n", compact(v)));
+        }
+        out.push_str("body:\n");
+        match &self.body {
+            Value::String(raw) if serde_json::from_slice::<Value>(raw.as_bytes()).is_err() => {
+                out.push_str(raw);
+            }
+            json => out.push_str(&serde_json::to_string_pretty(json).unwrap_or_default()),
+        }
+        out.push('\n');
+        out
+    }
+}
+
+fn compact(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A header value as JSON, for display. Byte arrays become hex.
+fn amqp_json(v: &AMQPValue) -> Value {
+    match v {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => Value::from(*n),
+        AMQPValue::ShortShortUInt(n) => Value::from(*n),
+        AMQPValue::ShortInt(n) => Value::from(*n),
+        AMQPValue::ShortUInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::LongUInt(n) => Value::from(*n),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::Float(f) => Value::from(f64::from(*f)),
+        AMQPValue::Double(f) => Value::from(*f),
+        AMQPValue::DecimalValue(d) => {
+            Value::from(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+        }
+        AMQPValue::ShortString(s) => Value::from(s.as_str()),
+        AMQPValue::LongString(s) => Value::from(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_json).collect()),
+        AMQPValue::Timestamp(t) => Value::from(*t),
+        AMQPValue::FieldTable(t) => Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), amqp_json(v)))
+                .collect(),
+        ),
+        AMQPValue::ByteArray(b) => Value::from(
+            b.as_slice()
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>(),
+        ),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+pub async fn show(args: &ShowArgs) -> Result<(), DlqError> {
+    let queue = args.amqp.dead_letter_queue.as_str();
+    let found = with_link(&args.amqp, "blinger-worker dlq show", async |link| {
+        let total = ready_count(&link.channel, queue).await?;
+        let bar = progress(Some(u64::from(total)), "scanning");
+        let mut scan = Scan {
+            channel: &link.channel,
+            queue,
+            left: total,
+        };
+        let now = SystemTime::now();
+        let mut found = Vec::new();
+        while let Some(delivery) = scan.next().await? {
+            bar.inc(1);
+            let detail = Detail::from_delivery(&delivery, now);
+            if detail
+                .summary
+                .id
+                .as_deref()
+                .is_some_and(|id| id.eq_ignore_ascii_case(&args.id))
+            {
+                found.push(detail);
+            }
+        }
+        bar.finish_and_clear();
+        Ok(found)
+    })
+    .await?;
+    if found.is_empty() {
+        return Err(DlqError::NotFound {
+            id: args.id.clone(),
+            queue: queue.to_owned(),
+        });
+    }
+    if args.json {
+        // One message is the common case: print it as one object, several as an array.
+        match found.as_slice() {
+            [one] => write_out(&to_json(one))?,
+            many => write_out(&to_json(&many))?,
+        }
+    } else {
+        let texts: Vec<String> = found.iter().map(Detail::text).collect();
+        write_out(&texts.join("\n"))?;
+        if found.len() > 1 {
+            eprintln!("{} messages in {queue} carry id {}", found.len(), args.id);
+        }
+    }
+    Ok(())
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplaySummary {
+    /// Messages looked at.
+    pub scanned: usize,
+    /// Replayed (or, with --dry-run, that would be).
+    pub replayed: Vec<DeadLetter>,
+    /// Selected but not replayed: the broker refused the republish; still in the queue.
+    pub failed: usize,
+}
+
+struct InFlight {
+    tag: u64,
+    dead: DeadLetter,
+    confirm: PublisherConfirm,
+}
+
+pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
+    let selection = Selection { args };
+    if !args.all
+        && args.reason.is_empty()
+        && args.kind.is_empty()
+        && args.id.is_empty()
+        && args.older_than.is_none()
+    {
+        return Err(DlqError::NoSelection);
+    }
+    let queue = args.amqp.dead_letter_queue.as_str();
+    let exchange = args.amqp.exchange.as_str();
+    let mut first_error = None;
+    let summary = with_link(&args.amqp, "blinger-worker dlq replay", async |link| {
+        // Republishes go on their own confirm-mode channel; fetching and acking stay on the
+        // link's channel, whose closing hands back whatever was not replayed.
+        let publish = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(AmqpError::Channel)?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(AmqpError::Channel)?;
+        check_exchange(&publish, exchange).await?;
+        let total = ready_count(&link.channel, queue).await?;
+        let bar = progress(Some(u64::from(total)), "replaying");
+        let mut scan = Scan {
+            channel: &link.channel,
+            queue,
+            left: total,
+        };
+        let now = SystemTime::now();
+        let limit = args.limit.map_or(usize::MAX, |l| l as usize);
+        let mut summary = ReplaySummary::default();
+        let mut selected = 0usize;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        while selected < limit {
+            let Some(delivery) = scan.next().await? else {
+                break;
+            };
+            summary.scanned += 1;
+            bar.inc(1);
+            let dead = DeadLetter::from_delivery(&delivery, now);
+            if !selection.matches(&dead) {
+                // Left unacked: handed back, in order, when the channel closes.
+                continue;
+            }
+            selected += 1;
+            if args.dry_run {
+                summary.replayed.push(dead);
+                continue;
+            }
+            let confirm = publish
+                .basic_publish(
+                    exchange.into(),
+                    dead.replay_routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &delivery.data,
+                    replay_properties(&delivery.properties),
+                )
+                .await
+                .map_err(AmqpError::Channel)?;
+            in_flight.push_back(InFlight {
+                tag: delivery.delivery_tag,
+                dead,
+                confirm,
+            });
+            while in_flight.len() >= args.window as usize {
+                settle(
+                    &link.channel,
+                    &mut in_flight,
+                    &mut summary,
+                    &mut first_error,
+                )
+                .await?;
+            }
+        }
+        while !in_flight.is_empty() {
+            settle(
+                &link.channel,
+                &mut in_flight,
+                &mut summary,
+                &mut first_error,
+            )
+            .await?;
+        }
+        let _ = publish.close(200, "done".into()).await;
+        bar.finish_and_clear();
+        Ok(summary)
+    })
+    .await?;
+
+    if args.json {
+        write_out(&to_json(&summary.replayed))?;
+    } else if !summary.replayed.is_empty() {
+        let rows: Vec<Vec<String>> = summary.replayed.iter().map(DeadLetter::row).collect();
+        write_out(&table(&COLUMNS, &rows))?;
+    }
+    let verb = if args.dry_run {
+        "would replay"
+    } else {
+        "replayed"
+    };
+    eprintln!(
+        "{verb} {} of {} message(s) looked at in {queue}{}",
+        summary.replayed.len(),
+        summary.scanned,
+        if args.dry_run {
+            " (dry run: nothing changed)"
+        } else {
+            ""
+        }
+    );
+    if let Some(error) = first_error {
+        return Err(DlqError::ReplayIncomplete {
+            failed: summary.failed,
+            replayed: summary.replayed.len(),
+            queue: queue.to_owned(),
+            error,
+        });
+    }
+    Ok(summary)
+}
+
+/// Waits for the oldest republish's confirm; acks its dead-letter copy only on a plain ack.
+async fn settle(
+    channel: &Channel,
+    in_flight: &mut VecDeque<InFlight>,
+    summary: &mut ReplaySummary,
+    first_error: &mut Option<ConfirmError>,
+) -> Result<(), DlqError> {
+    let Some(next) = in_flight.pop_front() else {
+        return Ok(());
+    };
+    let confirmation = next.confirm.await.map_err(AmqpError::Channel)?;
+    match judge(confirmation) {
+        Ok(()) => {
+            channel
+                .basic_ack(next.tag, BasicAckOptions::default())
+                .await
+                .map_err(AmqpError::Channel)?;
+            summary.replayed.push(next.dead);
+        }
+        Err(error) => {
+            // Not acked: the copy stays in the dead-letter queue.
+            summary.failed += 1;
+            eprintln!(
+                "{}: not replayed: {error}",
+                next.dead.id.as_deref().unwrap_or("(no id)")
+            );
+            first_error.get_or_insert(error);
+        }
+    }
+    Ok(())
+}
+
+async fn check_exchange(channel: &Channel, exchange: &str) -> Result<(), DlqError> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            if is_not_found(&e) {
+                DlqError::NoExchange {
+                    exchange: exchange.to_owned(),
+                }
+            } else {
+                AmqpError::Channel(e).into()
+            }
+        })
+}
+
+pub async fn purge(args: &PurgeArgs) -> Result<(), DlqError> {
+    let queue = args.amqp.dead_letter_queue.as_str();
+    let purged = with_link(&args.amqp, "blinger-worker dlq purge", async |link| {
+        let count = ready_count(&link.channel, queue).await?;
+        if count == 0 {
+            return Ok(0);
+        }
+        if !args.yes {
+            confirm_on_terminal(queue, count).await?;
+        }
+        link.channel
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await
+            .map_err(|e| DlqError::Amqp(AmqpError::Channel(e)))
+    })
+    .await?;
+    eprintln!("purged {purged} message(s) from {queue}");
+    Ok(())
+}
+
+/// Asks `[y/N]` on the terminal. Without a terminal there is nobody to ask: refuse.
+async fn confirm_on_terminal(queue: &str, count: u32) -> Result<(), DlqError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(DlqError::NeedsYes {
+            queue: queue.to_owned(),
+            count,
+        });
+    }
+    let question = format!(
+        "Delete {count} dead-lettered message(s) from {queue}? This cannot be undone. [y/N] "
+    );
+    let answer = tokio::task::spawn_blocking(move || {
+        eprint!("{question}");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        Ok::<_, std::io::Error>(answer)
+    })
+    .await
+    .map_err(|e| DlqError::Prompt(std::io::Error::other(e)))?
+    .map_err(DlqError::Prompt)?;
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => Err(DlqError::Cancelled),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    fn ls(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+    }
+
+    fn delivery(body: &str, props: BasicProperties) -> Delivery {
+        let mut d = Delivery::mock(
+            1,
+            "".into(),
+            "blinger.outbound.dead".into(),
+            false,
+            body.as_bytes().to_vec(),
+        );
+        d.properties = props;
+        d
+    }
+
+    fn death(reason: &str, exchange: &str, key: &str) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("reason".into(), ls(reason));
+        t.insert("exchange".into(), ls(exchange));
+        t.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![ls(key)])),
+        );
+        AMQPValue::FieldTable(t)
+    }
+
+    #[test]
+    fn reads_worker_headers_first_then_the_broker_trail() {
+        let mut h = FieldTable::default();
+        h.insert(headers::REASON.into(), ls("rejected"));
+        h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(3));
+        h.insert(headers::STATUS.into(), AMQPValue::LongInt(422));
+        h.insert(headers::ERROR.into(), ls("unprocessable"));
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let d = delivery(
+            r#"{"kind":"send-text","id":"554f11c1-ec1e-4fdb-9953-bfad33013f58","conversation_id":"c"}"#,
+            BasicProperties::default()
+                .with_headers(h)
+                .with_timestamp(1_000_000 - 90),
+        );
+        let dead = DeadLetter::from_delivery(&d, now);
+        assert_eq!(dead.reason.as_deref(), Some("rejected"));
+        assert_eq!(dead.attempts, Some(3));
+        assert_eq!(dead.status, Some(422));
+        assert_eq!(dead.age_seconds, Some(90));
+        assert_eq!(dead.kind.as_deref(), Some("send-text"));
+        assert_eq!(dead.replay_routing_key, "send-text");
+
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                death("delivery_limit", "blinger.outbound", "send-file"),
+                death("expired", "", "blinger.outbound.retry.5s"),
+            ])),
+        );
+        let d = delivery("not json", BasicProperties::default().with_headers(h));
+        let dead = DeadLetter::from_delivery(&d, now);
+        assert_eq!(dead.reason.as_deref(), Some("delivery_limit"));
+        assert_eq!(dead.kind, None);
+        assert_eq!(dead.age_seconds, None);
+        assert_eq!(dead.replay_routing_key, "send-file");
+    }
+
+    #[test]
+    fn replay_drops_only_bookkeeping_headers() {
+        let mut h = FieldTable::default();
+        for name in [
+            headers::REASON,
+            headers::ATTEMPTS,
+            headers::RETRIES,
+            headers::FIRST_SEEN,
+            "x-death",
+            "x-first-death-reason",
+            "x-last-death-queue",
+            "x-delivery-count",
+        ] {
+            h.insert(name.into(), ls("x"));
+        }
+        h.insert("traceparent".into(), ls("00-abc"));
+        let props = BasicProperties::default()
+            .with_headers(h)
+            .with_content_type("application/json".into())
+            .with_timestamp(7);
+        let replayed = replay_properties(&props);
+        let names: Vec<&str> = replayed
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(names, ["traceparent"]);
+        assert_eq!(*replayed.timestamp(), Some(7));
+        assert_eq!(*replayed.delivery_mode(), Some(2));
+        assert_eq!(
+            replayed.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+    }
+
+    #[test]
+    fn selection_combines_filters() {
+        let dead = DeadLetter {
+            id: Some("554f11c1-ec1e-4fdb-9953-bfad33013f58".into()),
+            kind: Some("send-text".into()),
+            conversation_id: None,
+            reason: Some("rejected".into()),
+            attempts: None,
+            status: None,
+            error: None,
+            published_at: None,
+            age_seconds: Some(3600),
+            replay_routing_key: "send-text".into(),
+            size: 1,
+        };
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ReplayArgs,
+        }
+        let base = <Cli as clap::Parser>::parse_from(["replay"]).args;
+        let sel = |f: &dyn Fn(&mut ReplayArgs)| {
+            let mut a = base.clone();
+            f(&mut a);
+            Selection { args: &a }.matches(&dead)
+        };
+        assert!(sel(&|a| a.all = true));
+        assert!(sel(
+            &|a| a.reason = vec!["expired".into(), "rejected".into()]
+        ));
+        assert!(!sel(&|a| a.reason = vec!["expired".into()]));
+        assert!(sel(&|a| {
+            a.reason = vec!["rejected".into()];
+            a.kind = vec!["send-text".into()];
+        }));
+        assert!(!sel(&|a| {
+            a.reason = vec!["rejected".into()];
+            a.kind = vec!["send-file".into()];
+        }));
+        assert!(sel(
+            &|a| a.id = vec!["554F11C1-EC1E-4FDB-9953-BFAD33013F58".into()]
+        ));
+        assert!(sel(&|a| a.older_than = Some(Duration::from_secs(1800))));
+        assert!(!sel(&|a| a.older_than = Some(Duration::from_secs(7200))));
+    }
+}
