@@ -120,6 +120,14 @@ pub struct AmqpSettings {
     )]
     pub queue_type: QueueType,
 
+    /// Topic exchange of delivery receipts (`delivered.<kind>`, `dead.<kind>`).
+    #[arg(
+        long,
+        env = "BLINGER_WORKER_RECEIPTS_EXCHANGE",
+        default_value = "blinger.outbound.events"
+    )]
+    pub receipts_exchange: String,
+
     /// Broker-side delivery limit of the quorum work queue: a safety net that parks a message
     /// which keeps crashing the worker. Unused with classic queues.
     #[arg(long, env = "BLINGER_WORKER_DELIVERY_LIMIT", default_value_t = 20)]
@@ -243,6 +251,10 @@ pub struct RunSettings {
     /// Delivered records older than this are pruned.
     #[arg(long, env = "BLINGER_WORKER_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
+
+    /// Publish a receipt event for every delivered or dead-lettered job.
+    #[arg(long, env = "BLINGER_WORKER_RECEIPTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub receipts: bool,
 
     /// Message bodies larger than this are dead-lettered as invalid.
     #[arg(long, env = "BLINGER_WORKER_MAX_BODY_BYTES", default_value_t = 256 * 1024)]

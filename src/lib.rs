@@ -11,6 +11,7 @@
 //! - [`failure`]: the one place that classifies failures;
 //! - [`retry`]: backoff and delay tiers; [`ratelimit`]: the global request cap;
 //! - [`pause`]: pausing on 401/403; [`pipeline`]: one job from delivery to ack;
+//! - [`receipts`]: outcome events for publishers; [`ops`]: the operator commands;
 //! - [`dispatch`]: per-conversation ordering and concurrency;
 //! - [`telemetry`]: metrics, health flags, logs; [`ops_http`]: /metrics /healthz /readyz;
 //! - [`shutdown`]: signals; [`worker`]: lifecycle and reconnects;
@@ -28,6 +29,7 @@ pub mod ops_http;
 pub mod pause;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod receipts;
 pub mod retry;
 pub mod sandbox;
 pub mod shutdown;

@@ -39,6 +39,7 @@ use crate::failure::{Class, Failure};
 use crate::job::{InvalidJob, Job, Kind};
 use crate::pause::PauseGate;
 use crate::ratelimit::Limiter;
+use crate::receipts::{self, Receipt};
 use crate::retry::{Next, RetryPolicy};
 use crate::store::{Delivered, Store, now_ms};
 use crate::telemetry::{DeadReason, Health, Metrics, kind_label};
@@ -96,6 +97,8 @@ pub struct Pipeline {
     /// The shutdown grace is over: jobs not yet started are handed back.
     pub abort: CancellationToken,
     parked: Mutex<HashMap<String, Parked>>,
+    /// The receipts exchange, when receipts are on.
+    pub receipts: Option<String>,
 }
 
 /// How a job's processing ended, for tests and logs.
@@ -135,6 +138,7 @@ impl Pipeline {
             stopping,
             abort: CancellationToken::new(),
             parked: Mutex::new(HashMap::new()),
+            receipts: None,
         }
     }
 
@@ -181,26 +185,33 @@ impl Pipeline {
                 .await;
         }
         match self.lookup(job).await {
-            Some(true) => {
+            Some(Some(record)) => {
                 self.metrics
                     .jobs_duplicate
                     .with_label_values(&[job.kind().as_str()])
                     .inc();
                 debug!(id = %job.id, "already delivered; acking the duplicate");
+                // Receipts are at-least-once: a crash may have lost the first one.
+                self.receipt(work, receipts::Outcome::Delivered, None, |r| {
+                    r.blinger_message_id = record.blinger_id.clone();
+                    r.blinger_status = record.blinger_status.clone();
+                    r.attempts = record.attempts.into();
+                })
+                .await;
                 self.ack(work).await;
                 Outcome::Duplicate
             }
-            Some(false) => self.deliver(work, job).await,
+            Some(None) => self.deliver(work, job).await,
             None => Outcome::HandedBack,
         }
     }
 
-    /// Whether the store has the job; `None` if the store stayed unreadable until shutdown.
-    async fn lookup(&self, job: &Job) -> Option<bool> {
+    /// The job's delivered record, if any; `None` if the store stayed unreadable until shutdown.
+    async fn lookup(&self, job: &Job) -> Option<Option<Delivered>> {
         let mut delay = Duration::from_millis(500);
         loop {
             match self.store.get(&job.id) {
-                Ok(found) => return Some(found.is_some()),
+                Ok(found) => return Some(found),
                 Err(e) => {
                     self.health.set_store_ok(false);
                     error!(error = %e, "store unreadable; holding jobs until it recovers");
@@ -373,8 +384,8 @@ impl Pipeline {
         let record = Delivered {
             delivered_at_ms: now_ms(),
             kind: job.kind().as_str().to_owned(),
-            blinger_id: accepted.blinger_id,
-            blinger_status: accepted.blinger_status,
+            blinger_id: accepted.blinger_id.clone(),
+            blinger_status: accepted.blinger_status.clone(),
             attempts: attempts.min(u32::MAX as u64) as u32,
         };
         let mut delay = Duration::from_millis(500);
@@ -400,6 +411,13 @@ impl Pipeline {
                 }
             }
         }
+        self.receipt(work, receipts::Outcome::Delivered, None, |r| {
+            r.blinger_message_id = record.blinger_id.clone();
+            r.blinger_status = record.blinger_status.clone();
+            r.http_status = Some(accepted.http_status);
+            r.attempts = attempts;
+        })
+        .await;
         self.ack(work).await;
         let kind = job.kind().as_str();
         self.metrics.jobs_delivered.with_label_values(&[kind]).inc();
@@ -496,6 +514,11 @@ impl Pipeline {
         if !self.republish(work, &queue, properties).await {
             return Outcome::HandedBack;
         }
+        self.receipt(work, receipts::Outcome::DeadLettered, Some(reason), |r| {
+            r.http_status = status;
+            r.attempts = attempts;
+        })
+        .await;
         self.ack(work).await;
         let kind = kind_label(work.kind());
         self.metrics
@@ -545,6 +568,42 @@ impl Pipeline {
         });
         let _ = on_session(work, nack).await;
         false
+    }
+
+    /// Publishes the job's receipt, when receipts are on. Never fails the job.
+    async fn receipt(
+        &self,
+        work: &Work,
+        outcome: receipts::Outcome,
+        reason: Option<DeadReason>,
+        fill: impl FnOnce(&mut Receipt),
+    ) {
+        let Some(exchange) = &self.receipts else {
+            return;
+        };
+        let job = work.job.as_ref().ok();
+        let mut receipt = Receipt {
+            id: job.map(|j| j.id.to_string()),
+            kind: kind_label(work.kind()).to_owned(),
+            conversation_id: job.map(|j| j.conversation_id.clone()),
+            outcome,
+            reason: reason.map(DeadReason::as_str),
+            blinger_message_id: None,
+            blinger_status: None,
+            http_status: None,
+            attempts: 0,
+            received_at: receipts::timestamp(self.first_seen_ms(work)),
+            finished_at: receipts::timestamp(now_ms()),
+        };
+        fill(&mut receipt);
+        let published = receipts::publish(&work.session.publish, exchange, &receipt);
+        match on_session(work, published).await {
+            Some(Ok(())) => {}
+            failed => {
+                self.metrics.receipts_failed.inc();
+                warn!(id = ?receipt.id, outcome = ?failed.map(|r| r.err().map(|e| e.to_string())), "receipt not published");
+            }
+        }
     }
 
     async fn ack(&self, work: &Work) {

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub amqp_connected: IntGauge,
     pub paused: IntGauge,
     pub store_flush_duration: Histogram,
+    pub receipts_failed: IntCounter,
 }
 
 impl Metrics {
@@ -167,6 +168,17 @@ impl Metrics {
                     .register(Box::new(h.clone()))
                     .expect("unique metric");
                 h
+            },
+            receipts_failed: {
+                let c = IntCounter::new(
+                    "blinger_worker_receipts_failed_total",
+                    "Delivery receipts that could not be published (the jobs were acked anyway).",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
             },
             registry,
         };

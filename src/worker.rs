@@ -97,7 +97,7 @@ impl Worker {
             settings.max_in_process_attempts,
             settings.amqp.retry_delays.0.clone(),
         );
-        let pipeline = Arc::new(Pipeline::new(
+        let mut pipeline = Pipeline::new(
             client,
             token_source,
             store,
@@ -107,7 +107,11 @@ impl Worker {
             metrics.clone(),
             health.clone(),
             stopping.clone(),
-        ));
+        );
+        if settings.receipts {
+            pipeline.receipts = Some(settings.amqp.receipts_exchange.clone());
+        }
+        let pipeline = Arc::new(pipeline);
         let dispatcher = Dispatcher::new(
             pipeline.clone(),
             settings.concurrency as usize,

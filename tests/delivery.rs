@@ -185,3 +185,55 @@ async fn an_ack_lost_with_the_connection_does_not_send_twice() {
     assert_eq!(env.queue_len(&env.names.queue.clone()).await, 0);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_tell_publishers_what_happened() {
+    let env = TestEnv::new("receipts").await;
+    let receipts = env.receipts_queue().await;
+    let worker = env.start_worker(&[]).await;
+    let good = text_job("c-receipts", "hello");
+    env.publish(&good).await;
+    assert!(eventually(T, || worker.delivered("send-text") == 1).await);
+    env.sandbox.update(|c| c.status_override = Some(404));
+    let bad = json!({"kind":"request-review","id":uuid::Uuid::new_v4().to_string(),"conversation_id":"c-receipts"});
+    env.publish(&bad).await;
+    env.publish_raw("send-text", b"not json").await;
+    let got = env.take_json(&receipts, 3, T).await;
+    assert_eq!(got.len(), 3, "{got:#?}");
+    let (key, delivered) = &got[0];
+    assert_eq!(key, "delivered.send-text");
+    assert_eq!(delivered["id"], good["id"]);
+    assert_eq!(delivered["outcome"], "delivered");
+    assert_eq!(delivered["conversation_id"], "c-receipts");
+    assert_eq!(delivered["http_status"], 200);
+    assert_eq!(delivered["blinger_status"], "delivered");
+    assert_eq!(delivered["attempts"], 1);
+    assert_eq!(
+        delivered["blinger_message_id"].as_str(),
+        env.sandbox.requests()[0].message_id.as_deref()
+    );
+    assert!(delivered["reason"].is_null());
+    let rejected = got
+        .iter()
+        .find(|(k, _)| k == "dead.request-review")
+        .unwrap();
+    assert_eq!(rejected.1["reason"], "rejected");
+    assert_eq!(rejected.1["http_status"], 404);
+    let invalid = got.iter().find(|(k, _)| k == "dead.unknown").unwrap();
+    assert_eq!(invalid.1["reason"], "invalid");
+    assert!(invalid.1["id"].is_null());
+    worker.stop().await;
+
+    // Off by a setting.
+    let worker = env.start_worker(&["--receipts", "false"]).await;
+    env.sandbox.update(|c| c.status_override = None);
+    env.publish(&text_job("c-receipts", "quiet")).await;
+    assert!(eventually(T, || worker.delivered("send-text") == 1).await);
+    assert!(
+        env.take_json(&receipts, 1, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}

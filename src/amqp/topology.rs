@@ -6,6 +6,7 @@
 //! queue blinger.outbound.retry.<delay> (one per tier; TTL = delay; expired messages are
 //!   dead-lettered through the default exchange back to the work queue)
 //! queue blinger.outbound.dead (the dead-letter queue)
+//! exchange blinger.outbound.events (topic, durable): delivery receipts
 //! ```
 //!
 //! Delay tiers use per-queue TTLs, not a broker plugin: every message in a tier waits the same
@@ -26,6 +27,7 @@ pub struct Topology {
     pub exchange: String,
     pub queue: String,
     pub dead_letter_queue: String,
+    pub receipts_exchange: String,
     /// Tier queue names, in the order of [`AmqpSettings::retry_delays`].
     pub tiers: Vec<String>,
 }
@@ -36,6 +38,7 @@ impl Topology {
             exchange: settings.exchange.clone(),
             queue: settings.queue.clone(),
             dead_letter_queue: settings.dead_letter_queue.clone(),
+            receipts_exchange: settings.receipts_exchange.clone(),
             tiers: settings
                 .retry_delays
                 .0
@@ -82,6 +85,18 @@ pub async fn declare(
     channel
         .exchange_declare(
             topology.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+
+    channel
+        .exchange_declare(
+            topology.receipts_exchange.as_str().into(),
             ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 durable: true,

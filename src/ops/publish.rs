@@ -122,9 +122,7 @@ pub enum PublishError {
     Invalid(InvalidJob),
     #[error("job {id} was not published: {error}")]
     NotConfirmed { id: Uuid, error: ConfirmError },
-    #[error(
-        "{invalid} invalid line(s) skipped, {failed} job(s) not accepted by RabbitMQ; {published} published"
-    )]
+    #[error("{}", incomplete(*invalid, *failed, *published))]
     Incomplete {
         invalid: usize,
         failed: usize,
@@ -136,6 +134,17 @@ pub enum PublishError {
     Stdin(std::io::Error),
     #[error("writing to standard output: {0}")]
     Stdout(std::io::Error),
+}
+
+fn incomplete(invalid: usize, failed: usize, published: usize) -> String {
+    let mut parts = Vec::new();
+    if invalid > 0 {
+        parts.push(format!("{invalid} invalid line(s) skipped"));
+    }
+    if failed > 0 {
+        parts.push(format!("{failed} job(s) not accepted by RabbitMQ"));
+    }
+    format!("{}; {published} job(s) published", parts.join(", "))
 }
 
 /// What a run did; printed by nobody (the ids are the output), returned for callers and tests.

@@ -68,6 +68,7 @@ pub struct Names {
     pub exchange: String,
     pub queue: String,
     pub dead: String,
+    pub events: String,
 }
 
 impl Names {
@@ -78,6 +79,7 @@ impl Names {
             exchange: format!("{base}.x"),
             queue: base.clone(),
             dead: format!("{base}.dead"),
+            events: format!("{base}.events"),
         }
     }
 }
@@ -148,6 +150,7 @@ impl TestEnv {
         push("--exchange", &self.names.exchange);
         push("--queue", &self.names.queue);
         push("--dead-letter-queue", &self.names.dead);
+        push("--receipts-exchange", &self.names.events);
         push("--api-url", &base_url);
         push("--data-dir", &data_dir);
         push("--metrics-addr", "127.0.0.1:0");
@@ -276,6 +279,61 @@ impl TestEnv {
         out
     }
 
+    /// A server-named queue bound to the receipts exchange (declare it before the worker runs).
+    pub async fn receipts_queue(&self) -> String {
+        self.declare().await;
+        let q = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let name = q.name().as_str().to_owned();
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                self.names.events.as_str().into(),
+                "#".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Takes up to `n` messages from `queue` as (routing key, JSON body).
+    pub async fn take_json(
+        &self,
+        queue: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<(String, serde_json::Value)> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while out.len() < n && tokio::time::Instant::now() < deadline {
+            match self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get")
+            {
+                Some(msg) => out.push((
+                    msg.delivery.routing_key.as_str().to_owned(),
+                    serde_json::from_slice(&msg.delivery.data).expect("JSON"),
+                )),
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        out
+    }
+
     /// Deletes this test's queues and exchange (quorum queues are not free on a shared broker).
     pub async fn cleanup(self) {
         let mut queues = vec![self.names.queue.clone(), self.names.dead.clone()];
@@ -288,10 +346,12 @@ impl TestEnv {
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        let _ = self
-            .channel
-            .exchange_delete(self.names.exchange.as_str().into(), Default::default())
-            .await;
+        for exchange in [&self.names.exchange, &self.names.events] {
+            let _ = self
+                .channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
+        }
         let _ = self.conn.close(200, "bye".into()).await;
         self.sandbox.shutdown().await;
     }

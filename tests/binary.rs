@@ -1,0 +1,130 @@
+//! The real `blinger-worker` binary: start-up errors are one clear line, SIGTERM exits 0 after
+//! finishing work, and secrets never reach the output (debug logs included).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_blinger-worker");
+
+fn worker_command(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AMQP_URL", &env.broker.url)
+        .env("BLINGER_WORKER_EXCHANGE", &env.names.exchange)
+        .env("BLINGER_WORKER_QUEUE", &env.names.queue)
+        .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &env.names.dead)
+        .env("BLINGER_WORKER_RETRY_DELAYS", "1s,2s")
+        .env("BLINGER_API_URL", env.sandbox.base_url())
+        .env("BLINGER_WORKER_DATA_DIR", env.data_dir.path())
+        .env("BLINGER_WORKER_METRICS_ADDR", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn one_line_error(output: &std::process::Output) -> String {
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_token_is_one_clear_line() {
+    let env = TestEnv::new("notoken").await;
+    let output = worker_command(&env).output().unwrap();
+    let line = one_line_error(&output);
+    assert!(line.contains("BLINGER_API_TOKEN"), "{line}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_one_clear_line_without_the_password() {
+    let env = TestEnv::new("nobroker").await;
+    let output = worker_command(&env)
+        .env("AMQP_URL", "amqp://svc:Pa55-w0rd-XYZ@127.0.0.1:1/%2f")
+        .env("BLINGER_API_TOKEN", "tok-very-secret-123")
+        .output()
+        .unwrap();
+    let line = one_line_error(&output);
+    assert!(line.contains("AMQP_URL"), "{line}");
+    assert!(!line.contains("Pa55-w0rd-XYZ"), "{line}");
+    assert!(!line.contains("tok-very-secret-123"), "{line}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_never_shows_secret_values() {
+    let output = Command::new(BIN)
+        .args(["run", "--help"])
+        .env("BLINGER_API_TOKEN", "tok-very-secret-123")
+        .env("AMQP_URL", "amqp://svc:Pa55-w0rd-XYZ@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("BLINGER_WORKER_CONCURRENCY"));
+    assert!(!help.contains("tok-very-secret-123"));
+    assert!(!help.contains("Pa55-w0rd-XYZ"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_work_exits_zero_and_logs_no_secret() {
+    let env = TestEnv::new("sigterm").await;
+    env.sandbox.update(|c| c.latency_ms = 200);
+    env.declare().await;
+    for i in 0..40 {
+        env.publish(&text_job(&format!("c-{}", i % 10), &i.to_string()))
+            .await;
+    }
+    let child = worker_command(&env)
+        .env("BLINGER_API_TOKEN", TOKEN)
+        .env("BLINGER_WORKER_LOG_LEVEL", "debug")
+        .env("BLINGER_WORKER_LOG_FORMAT", "json")
+        .env("BLINGER_WORKER_CONCURRENCY", "4")
+        .spawn()
+        .unwrap();
+    assert!(
+        env.sandbox
+            .wait_for(|r| r.len() >= 4, Duration::from_secs(20))
+            .await
+    );
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let logs = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "exit {:?}\n{logs}", output.status);
+    // Every line is JSON.
+    for line in logs.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    assert!(logs.contains("shutdown signal received"), "{logs}");
+    assert!(!logs.contains(TOKEN), "the token leaked into the logs");
+    // Nothing lost: what was not delivered is back in the queue.
+    let accepted = env
+        .sandbox
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200)
+        .count();
+    let queued = env.queue_len(&env.names.queue.clone()).await as usize;
+    assert_eq!(accepted + queued, 40);
+    env.cleanup().await;
+}
