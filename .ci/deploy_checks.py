@@ -20,7 +20,9 @@ What is checked, and how:
     KUBE_VERSIONS; the CRD kinds (ServiceMonitor, PrometheusRule, ScaledObject, TriggerAuthentication) have
     no schema there, so they are validated against hand-written subset schemas below (the fields this chart
     emits, with the upstream CRDs' types and patterns, additionalProperties false) -- not the upstream CRDs;
-  * the rendered StatefulSet keeps its contract (probes, security context, grace, env, token file, PVC);
+  * the rendered StatefulSet keeps its contract (probes, security context, grace, env, token file, PVC); the
+    env must carry every setting named `env = "NAME"` in src/config.rs (AMQP_URL from the Secret, the token
+    as BLINGER_API_TOKEN_FILE, never BLINGER_API_TOKEN);
   * the standalone rules file equals the rendered PrometheusRule spec (default values), and the rendered
     rules of both value sets pass `promtool check rules`.
 """
@@ -64,16 +66,30 @@ RULES_HEADER = """\
 # Tests: promtool test rules deploy/prometheus/blinger-worker-rules.test.yaml
 """
 
-# Every worker setting the chart must pass (issue 2/5 contract); AMQP_URL comes from the Secret.
-WORKER_ENV = {
-    "AMQP_URL", "BLINGER_API_URL", "BLINGER_API_TOKEN_FILE", "BLINGER_WORKER_DATA_DIR",
-    "BLINGER_WORKER_METRICS_ADDR", "BLINGER_WORKER_CONCURRENCY", "BLINGER_WORKER_PREFETCH",
-    "BLINGER_WORKER_RATE_LIMIT", "BLINGER_WORKER_RATE_BURST", "BLINGER_WORKER_QUEUE_TYPE",
-    "BLINGER_WORKER_LOG_FORMAT", "BLINGER_WORKER_LOG_LEVEL", "BLINGER_WORKER_EXCHANGE", "BLINGER_WORKER_QUEUE",
-    "BLINGER_WORKER_DEAD_LETTER_QUEUE", "BLINGER_WORKER_RETRY_DELAYS", "BLINGER_WORKER_MAX_IN_PROCESS_ATTEMPTS",
-    "BLINGER_WORKER_DELIVERY_LIMIT", "BLINGER_WORKER_REQUEST_TIMEOUT", "BLINGER_WORKER_SHUTDOWN_GRACE",
-    "BLINGER_WORKER_RETENTION", "BLINGER_WORKER_MAX_BODY_BYTES",
-}
+# Every worker setting the chart must pass (issue 2/5 contract), derived from the worker's own source: each
+# `env = "NAME"` in src/config.rs, so a setting added to the worker but not to the chart fails the check.
+# Two are special: AMQP_URL must come from the Secret (secretKeyRef), and the token is given as a file
+# (BLINGER_API_TOKEN_FILE), so BLINGER_API_TOKEN must NOT be set as a plain env var.
+CONFIG_RS = ROOT / "src" / "config.rs"
+ENV_FROM_SECRET = "AMQP_URL"
+ENV_TOKEN_FILE = "BLINGER_API_TOKEN_FILE"
+ENV_FORBIDDEN = {"BLINGER_API_TOKEN"}
+
+
+def worker_env_names() -> set[str]:
+    """Every `env = "NAME"` of src/config.rs (the clap settings of `blinger-worker run` and the AMQP settings)."""
+    names = set(re.findall(r'\benv\s*=\s*"([A-Z][A-Z0-9_]*)"', CONFIG_RS.read_text()))
+    if not names:
+        sys.exit(f"deploy_checks: no env = \"NAME\" found in {CONFIG_RS.relative_to(ROOT)}")
+    missing = {ENV_FROM_SECRET, ENV_TOKEN_FILE} - names
+    if missing:
+        sys.exit(f"deploy_checks: {CONFIG_RS.relative_to(ROOT)} lacks {sorted(missing)}: update the special cases")
+    return names
+
+
+WORKER_ENV_ALL = worker_env_names()
+# What the rendered StatefulSet must set: all of them except the literal token (AMQP_URL included).
+WORKER_ENV = WORKER_ENV_ALL - ENV_FORBIDDEN
 
 
 class CheckFailed(Exception):
@@ -180,6 +196,8 @@ def schema_negative() -> None:
         "requestTimeout not a duration": {"worker": {"requestTimeout": "ten seconds"}},
         "retryDelays not a duration list": {"worker": {"retryDelays": "5s;30s"}},
         "rateLimit not an integer": {"worker": {"rateLimit": "fast"}},
+        "receipts not a boolean": {"worker": {"receipts": "yes"}},
+        "receiptsExchange empty": {"worker": {"receiptsExchange": ""}},
         "amqpUrl not amqp(s)://": {"auth": {"amqpUrl": "http://rabbitmq:5672"}},
         "alert for not a Prometheus duration": {"prometheusRule": {"paused": {"for": "2 minutes"}}},
         "podAntiAffinityPreset.type unknown": {"podAntiAffinityPreset": {"type": "always"}},
@@ -418,10 +436,18 @@ def statefulset_contract(label: str, values: dict[str, Any], rendered: dict[str,
         need(pod["terminationGracePeriodSeconds"] > grace,
              f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} not above shutdown grace {grace}")
         env = {e["name"]: e for e in ctr["env"]}
-        need(WORKER_ENV <= set(env), f"env lacks {sorted(WORKER_ENV - set(env))}")
+        need(WORKER_ENV <= set(env), f"env lacks {sorted(WORKER_ENV - set(env))} (settings in "
+                                     f"{CONFIG_RS.relative_to(ROOT)} the chart does not pass)")
         need(env.get("BLINGER_WORKER_SHUTDOWN_GRACE", {}).get("value") == f"{grace}s", "BLINGER_WORKER_SHUTDOWN_GRACE")
-        need("BLINGER_API_TOKEN" not in env, "token must come as a file, not BLINGER_API_TOKEN")
-        need("secretKeyRef" in env.get("AMQP_URL", {}).get("valueFrom", {}), "AMQP_URL must come from a secretKeyRef")
+        for name in sorted(ENV_FORBIDDEN & set(env)):
+            need(False, f"token must come as a file ({ENV_TOKEN_FILE}), not {name}")
+        need("secretKeyRef" in env.get(ENV_FROM_SECRET, {}).get("valueFrom", {}),
+             f"{ENV_FROM_SECRET} must come from a secretKeyRef")
+        need("value" in env.get(ENV_TOKEN_FILE, {}), f"{ENV_TOKEN_FILE} must be set to a path")
+        need(env.get("BLINGER_WORKER_RECEIPTS", {}).get("value") == str(bool(merged["worker"]["receipts"])).lower(),
+             "BLINGER_WORKER_RECEIPTS != worker.receipts")
+        need(env.get("BLINGER_WORKER_RECEIPTS_EXCHANGE", {}).get("value") == merged["worker"]["receiptsExchange"],
+             "BLINGER_WORKER_RECEIPTS_EXCHANGE != worker.receiptsExchange")
         need(all("value" in e or "valueFrom" in e for e in ctr["env"]), "an env entry has neither value nor valueFrom")
         need(all(isinstance(e.get("value", ""), str) for e in ctr["env"]), "an env value is not a string")
         need(ctr.get("args") == ["run"], f"args {ctr.get('args')} != ['run']")
@@ -622,6 +648,9 @@ def main() -> int:
     args = parser.parse_args()
     os.chdir(ROOT)
     print(f"helm-python-sdk {helm_python.__version__} (Helm {helm_python.helm_sdk_version()}), chart {CHART.relative_to(ROOT)}")
+    print(f"worker settings from {CONFIG_RS.relative_to(ROOT)} ({len(WORKER_ENV_ALL)}): {', '.join(sorted(WORKER_ENV_ALL))}")
+    print(f"      required in the StatefulSet env: {len(WORKER_ENV)} ({ENV_FROM_SECRET} from the Secret, "
+          f"{ENV_TOKEN_FILE} a path); must not be set: {', '.join(sorted(ENV_FORBIDDEN))}")
     sets = {"default": {}, "all-options": load_all_values()}
     with tempfile.TemporaryDirectory(prefix="deploy-checks-") as tmp:
         workdir = Path(tmp)

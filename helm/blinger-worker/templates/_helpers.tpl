@@ -88,6 +88,8 @@ own default applies.
   "BLINGER_WORKER_EXCHANGE" ($w.exchange | toString)
   "BLINGER_WORKER_QUEUE" ($w.queue | toString)
   "BLINGER_WORKER_DEAD_LETTER_QUEUE" ($w.deadLetterQueue | toString)
+  "BLINGER_WORKER_RECEIPTS" ($w.receipts | toString)
+  "BLINGER_WORKER_RECEIPTS_EXCHANGE" ($w.receiptsExchange | toString)
   "BLINGER_WORKER_RETRY_DELAYS" ($w.retryDelays | toString)
   "BLINGER_WORKER_MAX_IN_PROCESS_ATTEMPTS" (int64 $w.maxInProcessAttempts | toString)
   "BLINGER_WORKER_DELIVERY_LIMIT" (int64 $w.deliveryLimit | toString)
