@@ -12,7 +12,7 @@
 //! - [`retry`]: backoff and delay tiers; [`ratelimit`]: the global request cap;
 //! - [`pause`]: pausing on 401/403; [`pipeline`]: one job from delivery to ack;
 //! - [`receipts`]: outcome events for publishers; [`ops`]: the operator commands;
-//! - [`dispatch`]: per-conversation ordering and concurrency;
+//! - [`dispatch`]: per-conversation ordering and concurrency; [`order`]: order across delay tiers;
 //! - [`telemetry`]: metrics, health flags, logs; [`ops_http`]: /metrics /healthz /readyz;
 //! - [`shutdown`]: signals; [`worker`]: lifecycle and reconnects;
 //! - [`ops`]: the operator commands (`publish`, `dlq`, `store`);
@@ -26,6 +26,7 @@ pub mod failure;
 pub mod job;
 pub mod ops;
 pub mod ops_http;
+pub mod order;
 pub mod pause;
 pub mod pipeline;
 pub mod ratelimit;

@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! delivery ─ invalid? ──────────────────────────────────────> dead-letter `invalid`
-//!          ─ its conversation has a parked job? ────────────> follow it into the same delay tier
 //!          ─ expired? ──────────────────────────────────────> dead-letter `expired`
 //!          ─ already in the store? ─────────────────────────> ack (duplicate)
+//!          ─ older jobs of its conversation in a delay tier? ─> follow them (see `order`)
 //!          ─ rate limiter ─ Blinger ─ accepted ─ record (group commit) ─> ack
 //!                                   ─ transient ─ backoff, retry ─ park in a delay tier ─ dead-letter `retries-exhausted`
 //!                                   ─ permanent ─> dead-letter `rejected`
@@ -17,11 +17,10 @@
 //! and the store makes the redelivery a no-op if Blinger had already accepted it.
 //!
 //! Per-conversation order: the dispatcher runs one job per conversation at a time, and when a job
-//! is parked in a delay tier the later jobs of its conversation follow it into the same tier, so
-//! they come back behind it instead of overtaking it.
+//! is parked in a delay tier the later jobs of its conversation follow it through the tiers
+//! ([`crate::order`]), so they are sent after it instead of overtaking it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::Channel;
@@ -30,13 +29,13 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use uuid::Uuid;
 
 use crate::amqp::{self, Topology, headers};
 use crate::blinger::{Accepted, Client};
 use crate::config::TokenSource;
 use crate::failure::{Class, Failure};
 use crate::job::{InvalidJob, Job, Kind};
+use crate::order::{Chains, Route};
 use crate::pause::PauseGate;
 use crate::ratelimit::Limiter;
 use crate::receipts::{self, Receipt};
@@ -72,14 +71,6 @@ impl Work {
     }
 }
 
-/// Where a parked job waits, so the later jobs of its conversation can follow it.
-struct Parked {
-    head: Uuid,
-    tier: usize,
-    /// After this the mark is dropped even if the head never came back (a purged tier).
-    expires: Instant,
-}
-
 /// Everything a job needs, shared by all jobs.
 pub struct Pipeline {
     pub client: Client,
@@ -96,7 +87,7 @@ pub struct Pipeline {
     pub stopping: CancellationToken,
     /// The shutdown grace is over: jobs not yet started are handed back.
     pub abort: CancellationToken,
-    parked: Mutex<HashMap<String, Parked>>,
+    chains: Chains,
     /// The receipts exchange, when receipts are on.
     pub receipts: Option<String>,
 }
@@ -126,6 +117,7 @@ impl Pipeline {
         stopping: CancellationToken,
     ) -> Pipeline {
         Pipeline {
+            chains: Chains::new(policy.tiers.clone()),
             client,
             token,
             store,
@@ -137,7 +129,6 @@ impl Pipeline {
             health,
             stopping,
             abort: CancellationToken::new(),
-            parked: Mutex::new(HashMap::new()),
             receipts: None,
         }
     }
@@ -169,9 +160,6 @@ impl Pipeline {
                     .await;
             }
         };
-        if let Some(tier) = self.follows_parked(job) {
-            return self.park(work, job, tier, None).await;
-        }
         if job.is_expired(time::OffsetDateTime::now_utc()) {
             let attempts = self.prior_attempts(work);
             return self
@@ -201,7 +189,16 @@ impl Pipeline {
                 self.ack(work).await;
                 Outcome::Duplicate
             }
-            Some(None) => self.deliver(work, job).await,
+            Some(None) => {
+                let seq = amqp::header_u64(&work.delivery.properties, headers::CHAIN);
+                match self
+                    .chains
+                    .route(&job.conversation_id, seq, tokio::time::Instant::now())
+                {
+                    Route::Send => self.deliver(work, job).await,
+                    Route::Follow { seq, tier } => self.park(work, job, tier, seq, None).await,
+                }
+            }
             None => Outcome::HandedBack,
         }
     }
@@ -344,8 +341,20 @@ impl Pipeline {
                                 .jobs_retried
                                 .with_label_values(&[kind.as_str()])
                                 .inc();
-                            self.park(work, job, tier, Some((&failure, attempts, retries + 1)))
-                                .await
+                            let seq = self.chains.parked(
+                                &job.conversation_id,
+                                amqp::header_u64(&work.delivery.properties, headers::CHAIN),
+                                tier,
+                                tokio::time::Instant::now(),
+                            );
+                            self.park(
+                                work,
+                                job,
+                                tier,
+                                seq,
+                                Some((&failure, attempts, retries + 1)),
+                            )
+                            .await
                         }
                         Next::GiveUp | Next::Wait(_) => {
                             self.dead_letter(
@@ -429,19 +438,24 @@ impl Pipeline {
         Outcome::Delivered
     }
 
-    /// Republishes the job to delay tier `tier` and acks it. `failure` is `None` for a job that
-    /// only follows its conversation's parked job (its own counters are unchanged).
+    /// Republishes the job to delay tier `tier` with chain sequence `seq`, and acks it. `failure`
+    /// is `None` for a job that only follows older jobs of its conversation (its own counters are
+    /// unchanged then).
     async fn park(
         &self,
         work: &Work,
         job: &Job,
         tier: usize,
+        seq: u64,
         failure: Option<(&Failure, u64, u64)>,
     ) -> Outcome {
-        let mut extra = vec![(
-            headers::FIRST_SEEN,
-            AMQPValue::LongLongInt(self.first_seen_ms(work) as i64),
-        )];
+        let mut extra = vec![
+            (
+                headers::FIRST_SEEN,
+                AMQPValue::LongLongInt(self.first_seen_ms(work) as i64),
+            ),
+            (headers::CHAIN, AMQPValue::LongLongInt(seq as i64)),
+        ];
         if let Some((failure, attempts, retries)) = failure {
             extra.push((headers::ATTEMPTS, AMQPValue::LongLongInt(attempts as i64)));
             extra.push((headers::RETRIES, AMQPValue::LongLongInt(retries as i64)));
@@ -458,39 +472,13 @@ impl Pipeline {
         if !self.republish(work, queue, properties).await {
             return Outcome::HandedBack;
         }
-        let delay = self.policy.tiers[tier];
-        {
-            let mut parked = self.parked.lock().expect("parked lock");
-            let entry = parked.entry(job.conversation_id.clone()).or_insert(Parked {
-                head: job.id,
-                tier,
-                expires: Instant::now(),
-            });
-            if failure.is_some() {
-                entry.head = job.id;
-                entry.tier = tier;
-            }
-            entry.expires = Instant::now() + delay * 2 + Duration::from_secs(60);
-        }
         self.ack(work).await;
         if failure.is_some() {
             info!(id = %job.id, queue, "parked in a delay tier");
         } else {
-            debug!(id = %job.id, queue, "following its conversation's parked job");
+            debug!(id = %job.id, queue, "following older jobs of its conversation");
         }
         Outcome::Parked
-    }
-
-    /// The tier a job must follow its conversation's parked job into, if any. The parked job
-    /// itself coming back clears the mark.
-    fn follows_parked(&self, job: &Job) -> Option<usize> {
-        let mut parked = self.parked.lock().expect("parked lock");
-        let entry = parked.get(&job.conversation_id)?;
-        if entry.head == job.id || entry.expires <= Instant::now() {
-            parked.remove(&job.conversation_id);
-            return None;
-        }
-        Some(entry.tier)
     }
 
     async fn dead_letter(

@@ -30,6 +30,8 @@ pub mod headers {
     pub const ATTEMPTS: &str = "x-blinger-attempts";
     /// Times the job has been parked in a delay tier.
     pub const RETRIES: &str = "x-blinger-retries";
+    /// Order of a job among its conversation's jobs out in delay tiers (see `order`).
+    pub const CHAIN: &str = "x-blinger-chain";
     /// Unix milliseconds of the worker's first receipt (latency when there is no AMQP timestamp).
     pub const FIRST_SEEN: &str = "x-blinger-first-seen";
 }

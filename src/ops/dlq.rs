@@ -6,6 +6,13 @@
 //! queues the broker counts each hand-back as a delivery (`x-delivery-count`); that is harmless
 //! only because the dead-letter queue has no delivery limit, which the topology guarantees.
 //!
+//! Order needs care with quorum queues: a handed-back message joins the *end* of the queue's
+//! backlog of earlier hand-backs, so giving back only the head of a queue that was listed before
+//! would move the head behind the rest. The commands therefore hold every message the queue had
+//! at the start before handing anything back, so the whole backlog goes back at once, in order
+//! (`list --limit` still reads to the end, it only shows less). Classic queues put a handed-back
+//! message back where it was, so there the commands stop as soon as they have what they need.
+//!
 //! `replay` guarantees, for each selected message:
 //! - it is republished to the exchange (routing key = its kind) with the same body and
 //!   properties, minus the worker's `x-blinger-*` bookkeeping and the broker's `x-death` trail,
@@ -36,7 +43,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{ConfirmError, Link, clip, human_age, judge, progress, table};
 use crate::amqp::{self, AmqpError, headers};
-use crate::config::{AmqpSettings, parse_duration};
+use crate::config::{AmqpSettings, QueueType, parse_duration};
 
 /// Inspect, replay or purge the dead-letter queue.
 #[derive(Debug, Clone, Args)]
@@ -404,9 +411,26 @@ struct Scan<'a> {
     channel: &'a Channel,
     queue: &'a str,
     left: u32,
+    /// Whether every message must be held before any is handed back (quorum queues; see the
+    /// module docs): then [`Scan::may_stop`] is false until the end.
+    hold_all: bool,
 }
 
-impl Scan<'_> {
+impl<'a> Scan<'a> {
+    fn new(channel: &'a Channel, settings: &'a AmqpSettings, total: u32) -> Scan<'a> {
+        Scan {
+            channel,
+            queue: settings.dead_letter_queue.as_str(),
+            left: total,
+            hold_all: settings.queue_type == QueueType::Quorum,
+        }
+    }
+
+    /// Whether stopping now keeps the queue's order.
+    fn may_stop(&self) -> bool {
+        !self.hold_all || self.left == 0
+    }
+
     async fn next(&mut self) -> Result<Option<Delivery>, DlqError> {
         if self.left == 0 {
             return Ok(None);
@@ -495,16 +519,21 @@ pub async fn list(args: &ListArgs) -> Result<(), DlqError> {
     let queue = args.amqp.dead_letter_queue.as_str();
     let (dead, total) = with_link(&args.amqp, "blinger-worker dlq list", async |link| {
         let total = ready_count(&link.channel, queue).await?;
-        let mut scan = Scan {
-            channel: &link.channel,
-            queue,
-            left: total.min(args.limit),
-        };
+        let mut scan = Scan::new(&link.channel, &args.amqp, total);
+        let bar = progress(Some(u64::from(total)), "reading");
         let now = SystemTime::now();
+        let limit = args.limit as usize;
         let mut dead = Vec::new();
-        while let Some(delivery) = scan.next().await? {
-            dead.push(DeadLetter::from_delivery(&delivery, now));
+        while dead.len() < limit || !scan.may_stop() {
+            let Some(delivery) = scan.next().await? else {
+                break;
+            };
+            bar.inc(1);
+            if dead.len() < limit {
+                dead.push(DeadLetter::from_delivery(&delivery, now));
+            }
         }
+        bar.finish_and_clear();
         Ok((dead, total))
     })
     .await?;
@@ -670,11 +699,7 @@ pub async fn show(args: &ShowArgs) -> Result<(), DlqError> {
     let found = with_link(&args.amqp, "blinger-worker dlq show", async |link| {
         let total = ready_count(&link.channel, queue).await?;
         let bar = progress(Some(u64::from(total)), "scanning");
-        let mut scan = Scan {
-            channel: &link.channel,
-            queue,
-            left: total,
-        };
+        let mut scan = Scan::new(&link.channel, &args.amqp, total);
         let now = SystemTime::now();
         let mut found = Vec::new();
         while let Some(delivery) = scan.next().await? {
@@ -760,22 +785,22 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
         check_exchange(&publish, exchange).await?;
         let total = ready_count(&link.channel, queue).await?;
         let bar = progress(Some(u64::from(total)), "replaying");
-        let mut scan = Scan {
-            channel: &link.channel,
-            queue,
-            left: total,
-        };
+        let mut scan = Scan::new(&link.channel, &args.amqp, total);
         let now = SystemTime::now();
         let limit = args.limit.map_or(usize::MAX, |l| l as usize);
         let mut summary = ReplaySummary::default();
         let mut selected = 0usize;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        while selected < limit {
+        // Past the limit, read on only as far as keeping the order requires.
+        while selected < limit || !scan.may_stop() {
             let Some(delivery) = scan.next().await? else {
                 break;
             };
             summary.scanned += 1;
             bar.inc(1);
+            if selected >= limit {
+                continue;
+            }
             let dead = DeadLetter::from_delivery(&delivery, now);
             if !selection.matches(&dead) {
                 // Left unacked: handed back, in order, when the channel closes.
