@@ -78,16 +78,12 @@ for _ in $(seq 1 150); do
 done
 [ "$(delivered)" -ge 4 ] || { tail -20 "$demo/worker.log" >&2; die "jobs were not delivered"; }
 
-log "delivered:"
-for id in $ids; do
-  "$bin/blinger-worker" store get "$id" 2>/dev/null | tr -d '\n' | sed "s/^/    $id  /"; echo
-done 2>/dev/null || true
 if [ -n "$sandbox" ]; then
   log "what the sandbox Blinger received:"
   curl -fs "$sandbox/_sandbox/requests" | python3 -c '
 import json, sys
 for r in json.load(sys.stdin):
-    print(f"    {r[\"status\"]} POST {r[\"path\"]}  body={json.dumps(r[\"body\"])}")'
+    print("    %s POST %s  body=%s" % (r["status"], r["path"], json.dumps(r["body"])))'
 fi
 log "metrics:"
 curl -fs "http://$metrics_addr/metrics" | grep -E '^blinger_worker_(jobs_delivered_total|api_requests_total|jobs_in_flight|amqp_connected|paused)' | sed 's/^/    /'

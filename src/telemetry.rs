@@ -26,6 +26,13 @@ pub enum DeadReason {
 }
 
 impl DeadReason {
+    pub const ALL: [DeadReason; 4] = [
+        DeadReason::Invalid,
+        DeadReason::Rejected,
+        DeadReason::RetriesExhausted,
+        DeadReason::Expired,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadReason::Invalid => "invalid",
@@ -194,6 +201,11 @@ impl Metrics {
             metrics.jobs_delivered.with_label_values(&[kind]);
             metrics.jobs_duplicate.with_label_values(&[kind]);
             metrics.jobs_retried.with_label_values(&[kind]);
+            for reason in DeadReason::ALL {
+                metrics
+                    .jobs_dead_lettered
+                    .with_label_values(&[kind, reason.as_str()]);
+            }
         }
         for kind in Kind::ALL {
             metrics.delivery_latency.with_label_values(&[kind.as_str()]);
