@@ -18,6 +18,10 @@ use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_blinger-worker");
 
+/// Set by the broker itself on every delivery from a quorum queue (0 on the first), so it is
+/// on every message a test takes; a replay cannot and need not remove it.
+const BROKER_DELIVERY_COUNT: &str = "x-delivery-count";
+
 /// Runs the binary with this env's broker and names (and nothing else from the environment).
 async fn cli(env: &TestEnv, args: &[&str], stdin: Option<Vec<u8>>) -> Output {
     let mut cmd = Command::new(BIN);
@@ -460,21 +464,38 @@ async fn dlq_list_and_show_do_not_consume() {
     env.cleanup().await;
 }
 
+/// The ids in the DLQ, in order, as `dlq list` shows them (which also proves it keeps order).
+async fn dlq_ids(env: &TestEnv) -> Vec<String> {
+    let out = cli(env, &["dlq", "list", "--json", "--limit", "1000"], None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON array");
+    listed
+        .iter()
+        .map(|d| d["id"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+fn pick(ids: &[String], which: &[usize]) -> Vec<String> {
+    which.iter().map(|&i| ids[i].clone()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_replay_moves_only_the_selection_after_confirm() {
     let env = TestEnv::new("op-replay").await;
     let ids = seed_dlq(
         &env,
         &[
-            Seed::worker("send-text", "rejected"),          // 0
-            Seed::worker("send-file", "retries-exhausted"), // 1
-            Seed::worker("assign-agent", "rejected"),       // 2
-            Seed::worker("send-text", "expired"),           // 3
-            Seed::worker("send-text", "retries-exhausted"), // 4
+            Seed::worker("send-file", "invalid"),  // 0: never selected
+            Seed::worker("send-text", "rejected"), // 1
+            Seed::worker("send-file", "retries-exhausted"), // 2
+            Seed::worker("assign-agent", "rejected"), // 3: never selected
+            Seed::worker("send-text", "expired"),  // 4
+            Seed::worker("send-text", "retries-exhausted"), // 5
             Seed {
                 age: Duration::from_secs(5 * 3600),
-                ..Seed::worker("request-review", "rejected") // 5
+                ..Seed::worker("request-review", "rejected") // 6
             },
+            Seed::worker("assign-agent", "invalid"), // 7: never selected
         ],
     )
     .await;
@@ -501,10 +522,10 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
     assert!(out.status.success(), "{}", stderr(&out));
     let would: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     let would: Vec<&str> = would.iter().map(|d| d["id"].as_str().unwrap()).collect();
-    assert_eq!(would, [ids[1].as_str(), ids[4].as_str()]);
+    assert_eq!(would, [ids[2].as_str(), ids[5].as_str()]);
     assert!(stderr(&out).contains("dry run"));
     assert_eq!(env.queue_len(&env.names.queue).await, 0);
-    assert_eq!(env.queue_len(&env.names.dead).await, 6);
+    assert_eq!(dlq_ids(&env).await, ids, "dry run changed nothing");
 
     // The real thing.
     let out = cli(
@@ -514,13 +535,18 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains(&ids[1]) && stdout(&out).contains(&ids[4]));
+    assert!(stdout(&out).contains(&ids[2]) && stdout(&out).contains(&ids[5]));
     let replayed = take_all(&env, &env.names.queue).await;
-    assert_eq!(ids_of(&replayed), [ids[1].clone(), ids[4].clone()]);
+    assert_eq!(ids_of(&replayed), pick(&ids, &[2, 5]), "in DLQ order");
     assert_eq!(replayed[0].routing_key, "send-file");
     assert_eq!(replayed[1].routing_key, "send-text");
     for r in &replayed {
-        let names: Vec<&str> = r.headers.keys().map(String::as_str).collect();
+        let names: Vec<&str> = r
+            .headers
+            .keys()
+            .map(String::as_str)
+            .filter(|h| *h != BROKER_DELIVERY_COUNT)
+            .collect();
         assert_eq!(names, ["traceparent"], "bookkeeping headers dropped");
         assert_eq!(*r.props.delivery_mode(), Some(2));
         assert_eq!(
@@ -530,11 +556,16 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
     }
     assert_eq!(
         replayed[0].body,
-        job_body("send-file", &ids[1]),
+        job_body("send-file", &ids[2]),
         "same body"
     );
+    assert_eq!(
+        dlq_ids(&env).await,
+        pick(&ids, &[0, 1, 3, 4, 6, 7]),
+        "the rest stays, in order"
+    );
 
-    // Filters combine; --limit caps.
+    // Filters combine; --limit caps, and stopping early keeps the order too.
     let out = cli(
         &env,
         &["dlq", "replay", "--kind", "send-text", "--limit", "1"],
@@ -544,14 +575,15 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         ids_of(&take_all(&env, &env.names.queue).await),
-        [ids[0].clone()]
+        pick(&ids, &[1])
     );
+    assert_eq!(dlq_ids(&env).await, pick(&ids, &[0, 3, 4, 6, 7]));
 
     let out = cli(&env, &["dlq", "replay", "--older-than", "2h"], None).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         ids_of(&take_all(&env, &env.names.queue).await),
-        [ids[5].clone()]
+        pick(&ids, &[6])
     );
 
     let out = cli(
@@ -560,7 +592,9 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
             "dlq",
             "replay",
             "--id",
-            &ids[3].to_uppercase(),
+            &ids[4].to_uppercase(),
+            "--id",
+            &ids[3],
             "--reason",
             "expired",
         ],
@@ -570,13 +604,43 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         ids_of(&take_all(&env, &env.names.queue).await),
-        [ids[3].clone()]
+        pick(&ids, &[4])
     );
+    assert_eq!(dlq_ids(&env).await, pick(&ids, &[0, 3, 7]));
 
-    // What was not selected is still there, in its order.
+    // A republish the broker does not confirm as routed leaves the dead letter where it is:
+    // here the target exchange exists but nothing is bound to it.
+    let unbound = format!("{}.unbound", env.names.exchange);
+    env.channel
+        .exchange_declare(
+            unbound.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let out = cli(
+        &env,
+        &["dlq", "replay", "--all", "--exchange", &unbound],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("3 message(s) could not be replayed") && err.contains("routed"),
+        "{err}"
+    );
+    assert_eq!(dlq_ids(&env).await, pick(&ids, &[0, 3, 7]), "nothing lost");
+    let _ = env
+        .channel
+        .exchange_delete(unbound.as_str().into(), Default::default())
+        .await;
+
     assert_eq!(
         ids_of(&take_all(&env, &env.names.dead).await),
-        [ids[2].clone()]
+        pick(&ids, &[0, 3, 7])
     );
     env.cleanup().await;
 }
@@ -617,7 +681,10 @@ async fn dlq_lists_what_the_real_worker_dead_lettered_and_replay_all_returns_it(
     let replayed = take_all(&env, &env.names.queue).await;
     assert_eq!(ids_of(&replayed), [bad]);
     assert!(
-        replayed[0].headers.keys().all(|k| !k.starts_with("x-")),
+        replayed[0]
+            .headers
+            .keys()
+            .all(|k| !k.starts_with("x-") || k == BROKER_DELIVERY_COUNT),
         "{:?}",
         replayed[0].headers.keys()
     );

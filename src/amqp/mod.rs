@@ -84,10 +84,15 @@ impl Session {
         })
     }
 
+    /// Closes the channels and the connection; the broker returns unacked deliveries to the
+    /// queue. Bounded in time: a connection that died under us may never answer.
     pub async fn close(&self) {
-        let _ = self.consume.close(200, "shutdown".into()).await;
-        let _ = self.publish.close(200, "shutdown".into()).await;
-        let _ = self.connection.close(200, "shutdown".into()).await;
+        let closing = async {
+            let _ = self.consume.close(200, "shutdown".into()).await;
+            let _ = self.publish.close(200, "shutdown".into()).await;
+            let _ = self.connection.close(200, "shutdown".into()).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
     }
 }
 
