@@ -1,24 +1,29 @@
-//! The operations port: `GET /metrics` (Prometheus text), `GET /healthz` (the process is alive)
-//! and `GET /readyz` (broker channel open, store writable, not paused by 401/403; 503 with the
-//! reason otherwise).
+//! The operations port: `GET /metrics` (Prometheus text), `GET /healthz` (the process is alive),
+//! `GET /readyz` (broker channel open, store writable, not paused by 401/403; 503 with the reason
+//! otherwise), and read-only views of the store, `GET /store/stats` and `GET /store/{uuid}`: the
+//! store is locked by the running worker, so `blinger-worker store get` asks here instead. They
+//! show what the store holds for a job id (no secrets; ids are unguessable UUIDs).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::store::Store;
 use crate::telemetry::{Health, Metrics};
 
 #[derive(Clone)]
 struct Ops {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    store: Store,
 }
 
 /// Binds the port; an error names the setting.
@@ -36,13 +41,20 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    store: Store,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(Ops { metrics, health });
+        .route("/store/stats", get(store_stats))
+        .route("/store/{id}", get(store_get))
+        .with_state(Ops {
+            metrics,
+            health,
+            store,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
@@ -65,5 +77,23 @@ async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),
         ),
+    }
+}
+
+async fn store_stats(State(ops): State<Ops>) -> axum::response::Response {
+    match ops.store.stats() {
+        Ok(stats) => Json(stats).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn store_get(State(ops): State<Ops>, Path(id): Path<String>) -> axum::response::Response {
+    let Ok(id) = uuid::Uuid::try_parse(&id) else {
+        return (StatusCode::BAD_REQUEST, "not a UUID\n").into_response();
+    };
+    match ops.store.get(&id) {
+        Ok(Some(record)) => Json(record).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "not delivered\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }

@@ -161,6 +161,7 @@ impl Worker {
             listener,
             metrics.clone(),
             health.clone(),
+            pipeline.store.clone(),
             ops_stop.clone(),
         ));
         let pruner = tokio::spawn(prune_forever(
@@ -238,14 +239,14 @@ impl Worker {
         }
         pruner.abort();
         let _ = pruner.await;
+        ops_stop.cancel();
+        let _ = ops.await;
         let store = pipeline.store.clone();
         drop(dispatcher);
         drop(pipeline);
         if let Err(e) = store.close().await {
             error!(error = %e, "flushing the store at shutdown");
         }
-        ops_stop.cancel();
-        let _ = ops.await;
         info!("stopped");
         Ok(())
     }

@@ -64,6 +64,15 @@ async fn every_kind_is_delivered_with_exact_path_headers_and_body() {
     ));
     assert_eq!(worker.get("/readyz").await.0, 200);
     assert_eq!(worker.get("/healthz").await.0, 200);
+    // The running worker answers for its store (operators cannot open it while it runs).
+    let (status, record) = worker.get(&format!("/store/{}", ids[0])).await;
+    assert_eq!(status, 200);
+    assert!(
+        record.contains(reqs[0].message_id.as_deref().unwrap()),
+        "{record}"
+    );
+    let unknown = uuid::Uuid::new_v4();
+    assert_eq!(worker.get(&format!("/store/{unknown}")).await.0, 404);
     worker.stop().await;
     let store = env.open_store().await;
     let text = store.get(&ids[0].parse().unwrap()).unwrap().unwrap();
