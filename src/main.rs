@@ -12,7 +12,20 @@ use blinger_worker::{shutdown, telemetry, worker::Worker};
 /// Delivers jobs from RabbitMQ to the Blinger chat-widget API, exactly once, in order per
 /// conversation.
 #[derive(Parser)]
-#[command(name = "blinger-worker", version, about)]
+#[command(
+    name = "blinger-worker",
+    version,
+    about,
+    after_help = "\
+Examples:
+  blinger-worker run                                  # the worker (settings from the environment)
+  blinger-worker publish --kind send-text --conversation-id C --text Hello
+  blinger-worker dlq list
+  blinger-worker store get 554f11c1-ec1e-4fdb-9953-bfad33013f58
+
+Run `blinger-worker <COMMAND> --help` for a command's flags and examples; docs/operators.md is the
+on-call guide."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,7 +82,8 @@ fn one_line(e: impl std::fmt::Display) -> anyhow::Error {
 
 async fn run(settings: RunSettings) -> anyhow::Result<()> {
     telemetry::init_logging(settings.log_format, &settings.log_level)?;
-    let worker = Worker::start(settings).await?;
+    // Start errors embed their causes and name the setting: one line, nothing repeated.
+    let worker = Worker::start(settings).await.map_err(one_line)?;
     let stop = shutdown::on_signals();
     worker.run(stop).await
 }

@@ -57,7 +57,10 @@ pub fn timestamp(unix_ms: u64) -> String {
 }
 
 /// Publishes one receipt and waits for the broker's confirm. Unrouted receipts (nobody bound to
-/// the exchange) are fine: they are not an error.
+/// the exchange) are fine: they are not an error, so the publish is not mandatory (a returned
+/// receipt would be logged in full by lapin and, worse, be attributed by lapin to a concurrent
+/// delay-tier or dead-letter republish on the same channel: see
+/// [`amqp::publish_confirmed_with`]).
 pub async fn publish(
     channel: &lapin::Channel,
     exchange: &str,
@@ -68,8 +71,15 @@ pub async fn publish(
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
-    match amqp::publish_confirmed(channel, exchange, &receipt.routing_key(), &body, properties)
-        .await
+    match amqp::publish_confirmed_with(
+        channel,
+        exchange,
+        &receipt.routing_key(),
+        &body,
+        properties,
+        false,
+    )
+    .await
     {
         Err(AmqpError::Unroutable(_)) => Ok(()),
         other => other,

@@ -56,6 +56,11 @@ async fn an_unreachable_broker_is_one_clear_line_without_the_password() {
         .unwrap();
     let line = one_line_error(&output);
     assert!(line.contains("AMQP_URL"), "{line}");
+    assert_eq!(
+        line.matches("onnection refused").count(),
+        1,
+        "cause said once: {line}"
+    );
     assert!(!line.contains("Pa55-w0rd-XYZ"), "{line}");
     assert!(!line.contains("tok-very-secret-123"), "{line}");
     env.cleanup().await;

@@ -246,3 +246,38 @@ async fn receipts_tell_publishers_what_happened() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// The running worker holds the store's lock; `blinger-worker store get` asks it instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_get_works_while_the_worker_runs() {
+    let env = TestEnv::new("storeget").await;
+    let worker = env.start_worker(&[]).await;
+    let job = text_job("c-storeget", "look me up");
+    env.publish(&job).await;
+    assert!(eventually(T, || worker.delivered("send-text") == 1).await);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_blinger-worker"))
+        .args(["store", "get", job["id"].as_str().unwrap()])
+        .env("BLINGER_WORKER_DATA_DIR", env.data_dir.path())
+        .env(
+            "BLINGER_WORKER_METRICS_ADDR",
+            worker.metrics_addr.to_string(),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    let message_id = env.sandbox.requests()[0].message_id.clone().unwrap();
+    assert!(stdout.contains(&message_id), "{stdout}");
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_blinger-worker"))
+        .args(["store", "get", &uuid::Uuid::new_v4().to_string()])
+        .env("BLINGER_WORKER_DATA_DIR", env.data_dir.path())
+        .env(
+            "BLINGER_WORKER_METRICS_ADDR",
+            worker.metrics_addr.to_string(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    worker.stop().await;
+    env.cleanup().await;
+}

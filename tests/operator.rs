@@ -24,8 +24,18 @@ const BROKER_DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// Runs the binary with this env's broker and names (and nothing else from the environment).
 async fn cli(env: &TestEnv, args: &[&str], stdin: Option<Vec<u8>>) -> Output {
+    cli_with(env, &[], args, stdin).await
+}
+
+async fn cli_with(
+    env: &TestEnv,
+    vars: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<Vec<u8>>,
+) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
+        .envs(vars.iter().copied())
         .env("AMQP_URL", &env.broker.url)
         .env("BLINGER_WORKER_EXCHANGE", &env.names.exchange)
         .env("BLINGER_WORKER_QUEUE", &env.names.queue)
@@ -641,6 +651,67 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
     assert_eq!(
         ids_of(&take_all(&env, &env.names.dead).await),
         pick(&ids, &[0, 3, 7])
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_dlq_stops_early_and_keeps_order() {
+    let mut env = TestEnv::new("op-classic").await;
+    env.base_args = vec!["--queue-type".into(), "classic".into()];
+    let classic = [("BLINGER_WORKER_QUEUE_TYPE", "classic")];
+    let ids = seed_dlq(
+        &env,
+        &[
+            Seed::worker("send-text", "rejected"),
+            Seed::worker("send-file", "invalid"),
+            Seed::worker("send-text", "rejected"),
+            Seed::worker("send-text", "invalid"),
+        ],
+    )
+    .await;
+    let out = cli_with(
+        &env,
+        &classic,
+        &["dlq", "list", "--limit", "1", "--json"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 1);
+    let out = cli_with(
+        &env,
+        &classic,
+        &["dlq", "replay", "--reason", "rejected", "--limit", "1"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("replayed 1 of 1 message(s) looked at"),
+        "stopped at the limit: {}",
+        stderr(&out)
+    );
+    assert_eq!(
+        ids_of(&take_all(&env, &env.names.queue).await),
+        pick(&ids, &[0])
+    );
+    let out = cli_with(
+        &env,
+        &classic,
+        &["dlq", "replay", "--reason", "invalid", "--limit", "1"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        ids_of(&take_all(&env, &env.names.queue).await),
+        pick(&ids, &[1])
+    );
+    assert_eq!(
+        ids_of(&take_all(&env, &env.names.dead).await),
+        pick(&ids, &[2, 3])
     );
     env.cleanup().await;
 }

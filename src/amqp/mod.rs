@@ -125,12 +125,31 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), AmqpError> {
+    publish_confirmed_with(channel, exchange, routing_key, body, properties, true).await
+}
+
+/// [`publish_confirmed`], choosing whether an unroutable publish is returned (`mandatory`).
+///
+/// Only publishes whose loss matters may be mandatory. lapin hands a `basic.return` to the
+/// next confirm it resolves, not to the publish it belongs to, and RabbitMQ acks several
+/// confirms at once under load: on a channel shared by concurrent publishers, a returned
+/// publish makes some *other* publish look unroutable (or its own loss look confirmed). So
+/// publishes that may legitimately go nowhere (receipts nobody listens to) must not be mandatory
+/// on the channel that carries the delay-tier and dead-letter republishes.
+pub async fn publish_confirmed_with(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+) -> Result<(), AmqpError> {
     let confirm = channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
             BasicPublishOptions {
-                mandatory: true,
+                mandatory,
                 ..BasicPublishOptions::default()
             },
             body,

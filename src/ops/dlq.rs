@@ -1,10 +1,11 @@
 //! `blinger-worker dlq`: look into the dead-letter queue and repair it without writing scripts.
 //!
-//! Reading never consumes: messages are fetched with `basic.get` *without* ack on a dedicated
-//! channel and handed back by closing that channel (or by the connection dropping, if the command
+//! Reading never consumes: messages are received *without* ack on a dedicated channel and
+//! handed back by closing that channel (or by the connection dropping, if the command
 //! dies), so `list` and `show` leave the queue as they found it, in the same order. With quorum
 //! queues the broker counts each hand-back as a delivery (`x-delivery-count`); that is harmless
-//! only because the dead-letter queue has no delivery limit, which the topology guarantees.
+//! only as long as the dead-letter queue has no delivery limit (the topology sets none; a broker
+//! whose policies or defaults impose one would drop messages after that many readings).
 //!
 //! Order needs care with quorum queues: a handed-back message joins the *end* of the queue's
 //! backlog of earlier hand-backs, so giving back only the head of a queue that was listed before
@@ -19,23 +20,27 @@
 //!   so the worker treats it as a fresh job (attempts reset);
 //! - its dead-letter copy is acked only after the broker confirmed the republish: a crash in
 //!   between leaves a duplicate (the job in both queues), never a loss, and the worker's store
-//!   turns a duplicate of a delivered job into a no-op;
+//!   turns a duplicate of a delivered job into a no-op; before the channel closes, the acks are
+//!   made to take effect (see `ack_barrier`), so a finished replay leaves no such copies;
 //! - messages that are not selected stay in the dead-letter queue, in their order;
 //! - it terminates: it looks at no more messages than the queue held when it started, so a
-//!   message dead-lettered again during the replay is not picked up a second time.
+//!   message dead-lettered again during the replay is not picked up a second time;
+//! - after a republish fails (refused, or routed nowhere) it stops, and acks nothing more: with
+//!   confirms pipelined, a later confirm can no longer be trusted to speak for its own message.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, ExchangeKind, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Consumer, ExchangeKind, PublisherConfirm};
 use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -406,24 +411,62 @@ impl Selection<'_> {
     }
 }
 
-/// Walks the queue with `basic.get`, never further than the messages it held at the start.
-struct Scan<'a> {
-    channel: &'a Channel,
-    queue: &'a str,
+/// How long a scan waits for the next message before it concludes that someone else took the
+/// rest (the count at the start was only a snapshot).
+const IDLE: Duration = Duration::from_secs(3);
+
+/// Walks the queue with a consumer that never acks on its own, never further than the messages
+/// the queue held at the start. A consumer rather than `basic.get`: on a quorum queue every get is
+/// a replicated command, which caps a scan at a few hundred messages a second; a consumer's
+/// deliveries stream. The prefetch is large enough for every message the scan may hold at once.
+struct Scan {
+    consumer: Option<Consumer>,
     left: u32,
     /// Whether every message must be held before any is handed back (quorum queues; see the
     /// module docs): then [`Scan::may_stop`] is false until the end.
     hold_all: bool,
 }
 
-impl<'a> Scan<'a> {
-    fn new(channel: &'a Channel, settings: &'a AmqpSettings, total: u32) -> Scan<'a> {
-        Scan {
-            channel,
-            queue: settings.dead_letter_queue.as_str(),
-            left: total,
-            hold_all: settings.queue_type == QueueType::Quorum,
+impl Scan {
+    /// Starts a scan of the `total` messages on `channel`, of which the caller needs at most
+    /// `want` (it holds them all, unacked, until it closes the channel).
+    async fn start(
+        channel: &Channel,
+        settings: &AmqpSettings,
+        total: u32,
+        want: u32,
+    ) -> Result<Scan, DlqError> {
+        let hold_all = settings.queue_type == QueueType::Quorum;
+        if total == 0 {
+            return Ok(Scan {
+                consumer: None,
+                left: 0,
+                hold_all,
+            });
         }
+        let prefetch = if hold_all { total } else { want.min(total) };
+        // 0 is "no limit", for a queue longer than the largest prefetch AMQP can express.
+        channel
+            .basic_qos(
+                u16::try_from(prefetch.max(1)).unwrap_or(0),
+                BasicQosOptions::default(),
+            )
+            .await
+            .map_err(AmqpError::Channel)?;
+        let consumer = channel
+            .basic_consume(
+                settings.dead_letter_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(AmqpError::Channel)?;
+        Ok(Scan {
+            consumer: Some(consumer),
+            left: total,
+            hold_all,
+        })
     }
 
     /// Whether stopping now keeps the queue's order.
@@ -432,20 +475,17 @@ impl<'a> Scan<'a> {
     }
 
     async fn next(&mut self) -> Result<Option<Delivery>, DlqError> {
-        if self.left == 0 {
+        let Some(consumer) = self.consumer.as_mut().filter(|_| self.left > 0) else {
             return Ok(None);
-        }
-        let got = self
-            .channel
-            .basic_get(self.queue.into(), BasicGetOptions { no_ack: false })
-            .await
-            .map_err(AmqpError::Channel)?;
-        match got {
-            Some(message) => {
+        };
+        match tokio::time::timeout(IDLE, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
                 self.left -= 1;
-                Ok(Some(message.delivery))
+                Ok(Some(delivery))
             }
-            None => {
+            Ok(Some(Err(e))) => Err(AmqpError::Channel(e).into()),
+            // Cancelled by the broker (queue deleted), or nothing more is coming.
+            Ok(None) | Err(_) => {
                 self.left = 0;
                 Ok(None)
             }
@@ -519,7 +559,7 @@ pub async fn list(args: &ListArgs) -> Result<(), DlqError> {
     let queue = args.amqp.dead_letter_queue.as_str();
     let (dead, total) = with_link(&args.amqp, "blinger-worker dlq list", async |link| {
         let total = ready_count(&link.channel, queue).await?;
-        let mut scan = Scan::new(&link.channel, &args.amqp, total);
+        let mut scan = Scan::start(&link.channel, &args.amqp, total, args.limit).await?;
         let bar = progress(Some(u64::from(total)), "reading");
         let now = SystemTime::now();
         let limit = args.limit as usize;
@@ -699,7 +739,7 @@ pub async fn show(args: &ShowArgs) -> Result<(), DlqError> {
     let found = with_link(&args.amqp, "blinger-worker dlq show", async |link| {
         let total = ready_count(&link.channel, queue).await?;
         let bar = progress(Some(u64::from(total)), "scanning");
-        let mut scan = Scan::new(&link.channel, &args.amqp, total);
+        let mut scan = Scan::start(&link.channel, &args.amqp, total, total).await?;
         let now = SystemTime::now();
         let mut found = Vec::new();
         while let Some(delivery) = scan.next().await? {
@@ -784,21 +824,32 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
             .map_err(AmqpError::Channel)?;
         check_exchange(&publish, exchange).await?;
         let total = ready_count(&link.channel, queue).await?;
-        let bar = progress(Some(u64::from(total)), "replaying");
-        let mut scan = Scan::new(&link.channel, &args.amqp, total);
+        let bar = progress(
+            Some(u64::from(total)),
+            if args.dry_run {
+                "scanning"
+            } else {
+                "replaying"
+            },
+        );
+        let mut scan = Scan::start(&link.channel, &args.amqp, total, total).await?;
         let now = SystemTime::now();
         let limit = args.limit.map_or(usize::MAX, |l| l as usize);
         let mut summary = ReplaySummary::default();
         let mut selected = 0usize;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        // Past the limit, read on only as far as keeping the order requires.
-        while selected < limit || !scan.may_stop() {
+        // Past the limit, or after a failed republish, read on only as far as keeping the order
+        // requires.
+        let selecting = |selected: usize, first_error: &Option<ConfirmError>| {
+            selected < limit && first_error.is_none()
+        };
+        while selecting(selected, &first_error) || !scan.may_stop() {
             let Some(delivery) = scan.next().await? else {
                 break;
             };
             summary.scanned += 1;
             bar.inc(1);
-            if selected >= limit {
+            if !selecting(selected, &first_error) {
                 continue;
             }
             let dead = DeadLetter::from_delivery(&delivery, now);
@@ -847,6 +898,9 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
                 &mut first_error,
             )
             .await?;
+        }
+        if summary.replayed.len() + summary.failed > 0 {
+            ack_barrier(&link.channel, queue, scan.hold_all).await?;
         }
         let _ = publish.close(200, "done".into()).await;
         bar.finish_and_clear();
@@ -897,6 +951,15 @@ async fn settle(
         return Ok(());
     };
     let confirmation = next.confirm.await.map_err(AmqpError::Channel)?;
+    let name = next.dead.id.as_deref().unwrap_or("(no id)");
+    if let Some(earlier) = first_error {
+        // lapin hands a returned message to the next confirm it resolves, which under batched
+        // acks may belong to an earlier publish: after one failure, no later "ack" proves its
+        // own message was routed. Keep the copy (a possible duplicate, never a loss).
+        summary.failed += 1;
+        eprintln!("{name}: not replayed: left in the queue after an earlier failure ({earlier})");
+        return Ok(());
+    }
     match judge(confirmation) {
         Ok(()) => {
             channel
@@ -908,12 +971,35 @@ async fn settle(
         Err(error) => {
             // Not acked: the copy stays in the dead-letter queue.
             summary.failed += 1;
-            eprintln!(
-                "{}: not replayed: {error}",
-                next.dead.id.as_deref().unwrap_or("(no id)")
-            );
-            first_error.get_or_insert(error);
+            eprintln!("{name}: not replayed: {error}");
+            *first_error = Some(error);
         }
+    }
+    Ok(())
+}
+
+/// Waits until the broker has taken in every ack sent on `channel`, before it is closed.
+///
+/// Acks have no reply in AMQP. On a quorum queue the broker applies them asynchronously, and a
+/// channel closed right behind its last acks was seen to get some of those messages handed back
+/// anyway (duplicates of replayed jobs left in the dead-letter queue; never losses). A `basic.get`
+/// is a synchronous queue command ordered after the acks of the same channel, so its answer
+/// proves they are applied. It is only used when the queue has nothing ready (the usual case: the
+/// scan holds every message), since a message it took would be handed back ahead of older ones;
+/// otherwise a short pause gives the broker the time it normally needs. Classic queues apply acks
+/// in order before a channel's end, so they need nothing.
+async fn ack_barrier(channel: &Channel, queue: &str, quorum: bool) -> Result<(), DlqError> {
+    if !quorum {
+        return Ok(());
+    }
+    if ready_count(channel, queue).await? == 0 {
+        // Should a message have arrived since, it stays unacked and goes back with the others.
+        let _held = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(AmqpError::Channel)?;
+    } else {
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(())
 }

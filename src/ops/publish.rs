@@ -10,7 +10,9 @@
 //! - confirms are pipelined (a window of messages in flight), so 100k jobs do not cost 100k round
 //!   trips;
 //! - the topology is declared first, so publishing to a fresh broker works and a job is never
-//!   dropped for want of a queue.
+//!   dropped for want of a queue;
+//! - should the broker still refuse a job, the run stops there and prints no later id: with
+//!   confirms pipelined, a later confirm no longer proves its own job was queued.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -142,7 +144,9 @@ fn incomplete(invalid: usize, failed: usize, published: usize) -> String {
         parts.push(format!("{invalid} invalid line(s) skipped"));
     }
     if failed > 0 {
-        parts.push(format!("{failed} job(s) not accepted by RabbitMQ"));
+        parts.push(format!(
+            "{failed} job(s) not confirmed as queued by RabbitMQ"
+        ));
     }
     format!("{}; {published} job(s) published", parts.join(", "))
 }
@@ -274,6 +278,10 @@ async fn publish_lines<R: AsyncBufRead + Unpin>(
                 job::decode(body, args.max_body_bytes).map(|job| (job, body.to_vec()))
             }
         };
+        if out.first_failure.is_some() {
+            // Nothing more is published once the broker refused a job (see settle_oldest).
+            break;
+        }
         match decoded {
             Ok((job, body)) => out.publish(job.id, job.kind(), body, Some(line_no)).await?,
             Err(e) => {
@@ -430,6 +438,22 @@ impl<'a> Publisher<'a> {
             return Ok(());
         };
         let confirmation = pending.confirm.await.map_err(AmqpError::Channel)?;
+        let place = pending
+            .line
+            .map(|n| format!("line {n} ({})", pending.id))
+            .unwrap_or_else(|| pending.id.to_string());
+        if self.first_failure.is_some() {
+            // lapin hands a returned message to the next confirm it resolves, which under batched
+            // acks may belong to an earlier publish: after one failure, a later "ack" does not
+            // prove its own job was queued. Say so rather than print the id.
+            self.summary.failed += 1;
+            self.bar.suspend(|| {
+                eprintln!(
+                    "{place}: not known to be queued after an earlier failure; publishing it again is safe"
+                )
+            });
+            return Ok(());
+        }
         match judge(confirmation) {
             Ok(()) => {
                 self.summary.published += 1;
@@ -439,13 +463,9 @@ impl<'a> Publisher<'a> {
             }
             Err(error) => {
                 self.summary.failed += 1;
-                let place = pending
-                    .line
-                    .map(|n| format!("line {n} ({})", pending.id))
-                    .unwrap_or_else(|| pending.id.to_string());
                 self.bar
                     .suspend(|| eprintln!("{place}: not published: {error}"));
-                self.first_failure.get_or_insert((pending.id, error));
+                self.first_failure = Some((pending.id, error));
             }
         }
         Ok(())

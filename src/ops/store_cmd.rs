@@ -41,6 +41,16 @@ pub struct StoreArgs {
     )]
     pub data_dir: PathBuf,
 
+    /// Where a running worker answers (its metrics port): while it holds the store's lock, `get`
+    /// and `stats` ask it instead (`GET /store/{id}`, `GET /store/stats`).
+    #[arg(
+        long,
+        env = "BLINGER_WORKER_METRICS_ADDR",
+        default_value = "127.0.0.1:9464",
+        global = true
+    )]
+    pub worker_addr: String,
+
     #[command(subcommand)]
     pub command: StoreCommand,
 }
@@ -129,7 +139,10 @@ struct StatsView {
 }
 
 pub async fn run(args: &StoreArgs) -> Result<(), StoreCmdError> {
-    let store = open_existing(&args.data_dir)?;
+    let store = match open_existing(&args.data_dir) {
+        Err(StoreCmdError::Locked(dir)) => return ask_running_worker(args, dir).await,
+        other => other?,
+    };
     let result = match &args.command {
         StoreCommand::Get { id } => {
             let id = Uuid::try_parse(id.trim()).map_err(|_| StoreCmdError::BadId(id.clone()))?;
@@ -172,6 +185,48 @@ pub async fn run(args: &StoreArgs) -> Result<(), StoreCmdError> {
     // after finds the directory free.
     store.close().await?;
     result
+}
+
+/// The store is locked by a running worker: read through its ops port. Pruning needs the lock
+/// (the running worker prunes hourly by itself).
+async fn ask_running_worker(args: &StoreArgs, dir: String) -> Result<(), StoreCmdError> {
+    let host = args.worker_addr.replacen("0.0.0.0", "127.0.0.1", 1);
+    let path = match &args.command {
+        StoreCommand::Get { id } => {
+            let id = Uuid::try_parse(id.trim()).map_err(|_| StoreCmdError::BadId(id.clone()))?;
+            format!("/store/{id}")
+        }
+        StoreCommand::Stats { .. } => "/store/stats".to_owned(),
+        StoreCommand::Prune { .. } => return Err(StoreCmdError::Locked(dir)),
+    };
+    let answer = reqwest::get(format!("http://{host}{path}"))
+        .await
+        .map_err(|_| StoreCmdError::Locked(dir.clone()))?;
+    let status = answer.status();
+    let body = answer
+        .text()
+        .await
+        .map_err(|e| StoreCmdError::Store(e.to_string()))?;
+    match (&args.command, status.as_u16()) {
+        (StoreCommand::Get { id }, 404) => Err(StoreCmdError::NotDelivered(
+            Uuid::try_parse(id.trim()).map_err(|_| StoreCmdError::BadId(id.clone()))?,
+        )),
+        (StoreCommand::Get { id }, 200) => {
+            let id = Uuid::try_parse(id.trim()).map_err(|_| StoreCmdError::BadId(id.clone()))?;
+            let record: Delivered =
+                serde_json::from_str(&body).map_err(|e| StoreCmdError::Store(e.to_string()))?;
+            print_json(&RecordView {
+                id,
+                delivered_at: rfc3339_ms(record.delivered_at_ms),
+                record,
+            })
+        }
+        (StoreCommand::Stats { .. }, 200) => print_text(&format!("{body}\n")),
+        (_, code) => Err(StoreCmdError::Store(format!(
+            "the running worker at {host} answered {code}: {}",
+            body.trim()
+        ))),
+    }
 }
 
 /// Opens the store only if it exists, translating sled's lock error into what it means here.
