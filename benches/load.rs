@@ -406,6 +406,20 @@ async fn ceiling_child(args: &Args) -> ChildReport {
         latencies.push(now.saturating_sub(ts));
         delivery.ack(BasicAckOptions::default()).await.expect("ack");
     }
+    // A synchronous round trip after the last ack (the broker handles a channel's frames in
+    // order), then a moment for a quorum queue to settle them: closing at once can hand the
+    // last acks' messages back to the queue.
+    let _ = channel
+        .queue_declare(
+            args.queue.as_deref().expect("--queue").into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
     ChildReport {
@@ -556,21 +570,15 @@ async fn run_worker(
         .spawn()
         .expect("worker binary starts");
     let pid = child.id().to_string();
-    // Optional profile of the worker while it consumes: LOADBENCH_PERF=<directory>.
-    let perf = std::env::var_os("LOADBENCH_PERF").map(|dir| {
-        let out = PathBuf::from(dir).join(format!(
+    // Optional profile of the worker while it consumes: LOADBENCH_PERF=<directory>. Attached
+    // once the first request arrived (all the worker's threads exist by then).
+    let perf_out = std::env::var_os("LOADBENCH_PERF").map(|dir| {
+        PathBuf::from(dir).join(format!(
             "perf-{}-c{}-{}ms.data",
             run.queue_type, run.concurrency, run.latency_ms
-        ));
-        Command::new("perf")
-            .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
-            .arg(&out)
-            .args(["-p", &pid])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("perf starts")
+        ))
     });
+    let mut perf = None;
     let broker = broker_pid();
     let broker_before = broker.as_deref().map_or(0, cpu_ticks);
     let self_before = cpu_ticks("self");
@@ -582,6 +590,18 @@ async fn run_worker(
         let stats = sandbox.stats();
         if stats.delivered + stats.duplicates >= n as u64 {
             break;
+        }
+        if let (Some(out), None, true) = (&perf_out, &perf, stats.total > 0) {
+            perf = Some(
+                Command::new("perf")
+                    .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                    .arg(out)
+                    .args(["-p", &pid])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("perf starts"),
+            );
         }
         if let Some(status) = child.try_wait().unwrap() {
             panic!("worker exited early ({status}); see {}", log_path.display());
