@@ -73,7 +73,17 @@ ensure_rabbitmq() {
     log "starting rabbitmq-server"
     as_root sh -c 'rabbitmq-server > /tmp/rabbitmq-server.log 2>&1 &'
   fi
-  as_root rabbitmqctl -q await_startup --timeout 120 >/dev/null || die "rabbitmq-server did not start (see /tmp/rabbitmq-server.log)"
+  # await_startup fails at once while the node has not registered with epmd yet (the first
+  # seconds after the start): ask again until it answers.
+  local started=""
+  for _ in $(seq 1 60); do
+    if as_root rabbitmqctl -q await_startup --timeout 120 >/dev/null 2>&1; then
+      started=1
+      break
+    fi
+    sleep 2
+  done
+  [ -n "$started" ] || die "rabbitmq-server did not start (see /tmp/rabbitmq-server.log)"
   wait_amqp || die "rabbitmq-server started but $AMQP_URL is not reachable"
   log "RabbitMQ ready"
 }
