@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blinger_worker::amqp::Topology;
+use blinger_worker::amqp::acks::Acks;
 use blinger_worker::blinger::Client;
 use blinger_worker::config::{AmqpSettings, Secret, TokenSource};
 use blinger_worker::dispatch::Dispatcher;
@@ -411,6 +412,7 @@ fn dispatch(c: &mut Criterion) {
     let dead = Arc::new(SessionLink {
         publish: channel.clone(),
         alive: CancellationToken::new(),
+        acks: Acks::new(channel.clone()),
     });
     dead.alive.cancel();
     let mut g = c.benchmark_group("dispatch");
@@ -464,6 +466,7 @@ fn dispatch(c: &mut Criterion) {
     let live = Arc::new(SessionLink {
         publish: channel.clone(),
         alive: CancellationToken::new(),
+        acks: Acks::new(channel.clone()),
     });
     let mut g = c.benchmark_group("pipeline");
     g.measurement_time(Duration::from_secs(5))

@@ -207,6 +207,15 @@ pub struct RunSettings {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
 
+    /// request-review and assign-agent calls outstanding at once, each from its call until its
+    /// delivered record is durable. Those calls carry no idempotency key, so a crash (kill -9,
+    /// OOM, node loss) repeats every one outstanding: 1 means at most one repeat per crash.
+    /// Their throughput is then about one per Blinger round trip; raise it to trade that bound
+    /// for throughput.
+    #[arg(long, env = "BLINGER_WORKER_KEYLESS_CONCURRENCY", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub keyless_concurrency: u32,
+
     /// Unacknowledged messages the broker may hand this worker at once.
     #[arg(long, env = "BLINGER_WORKER_PREFETCH", default_value_t = 200,
           value_parser = clap::value_parser!(u16).range(1..))]

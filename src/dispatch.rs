@@ -4,7 +4,8 @@
 //! of its jobs) worked by one task at a time, so jobs of one conversation are sent in the order
 //! they were consumed; lanes of different conversations run concurrently, at most `concurrency`
 //! jobs at once (a fair semaphore, taken per job, so a busy or retrying conversation holds one
-//! slot at most and never holds up the others). Invalid messages need no order: they are
+//! slot at most and never holds up the others; jobs waiting for a keyless permit, see
+//! [`Pipeline::keyless`], hold no slot). Invalid messages need no order: they are
 //! dead-lettered straight away.
 
 use std::collections::{HashMap, VecDeque};
@@ -40,6 +41,7 @@ impl Dispatcher {
 
     /// Takes one delivery. Never blocks: the prefetch limit bounds what can be waiting.
     pub fn submit(self: &Arc<Self>, delivery: Delivery, session: &Arc<SessionLink>) {
+        session.acks.received(delivery.delivery_tag);
         let job = job::decode(&delivery.data, self.max_body_bytes);
         let work = Work {
             delivery,
@@ -62,7 +64,7 @@ impl Dispatcher {
                         .acquire()
                         .await
                         .expect("semaphore never closed");
-                    this.pipeline.process(work).await;
+                    this.pipeline.process(work, None).await;
                 });
                 return;
             }
@@ -93,12 +95,25 @@ impl Dispatcher {
                     }
                 }
             };
+            // A keyless job waits for its keyless permit before taking a slot, so a queue of
+            // them never holds up other conversations.
+            let keyless = match &work.job {
+                Ok(job) if !job.kind().carries_uuid() => Some(
+                    self.pipeline
+                        .keyless
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore never closed"),
+                ),
+                _ => None,
+            };
             let _permit = self
                 .permits
                 .acquire()
                 .await
                 .expect("semaphore never closed");
-            self.pipeline.process(work).await;
+            self.pipeline.process(work, keyless).await;
         }
     }
 

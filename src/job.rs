@@ -377,6 +377,15 @@ fn parse_file_url(raw: &str) -> Result<Url, Problem> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(bad("must have a host".into()));
     }
+    // The limit is on what is sent: parsing percent-encodes spaces and other characters, which
+    // can make the URL up to three times longer than it was written.
+    if url.as_str().len() > MAX_FILE_URL_BYTES {
+        return Err(bad(format!(
+            "is {} bytes once normalised (percent-encoded), over the {MAX_FILE_URL_BYTES}-byte \
+             limit",
+            url.as_str().len()
+        )));
+    }
     Ok(url)
 }
 
@@ -417,6 +426,22 @@ mod tests {
             }
         );
         assert_eq!(job.expires_at, None);
+    }
+
+    #[test]
+    fn the_file_url_limit_applies_to_the_url_sent() {
+        // 1,400 of `<` and `>`: 1,424 bytes as written, 4,224 once percent-encoded.
+        let raw = format!("https://cdn.example.com/{}", "<>".repeat(700));
+        let body = format!(
+            r#"{{"kind":"send-file","id":"{ID}","conversation_id":"{CONV}","file_url":"{raw}"}}"#
+        );
+        match problem(&body) {
+            Problem::Invalid { field, reason } => {
+                assert_eq!(field, "file_url");
+                assert!(reason.contains("once normalised"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -25,11 +25,13 @@ use std::time::{Duration, Instant};
 
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use lapin::types::AMQPValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::amqp::acks::Acks;
 use crate::amqp::{self, Topology, headers};
 use crate::blinger::{Accepted, Client};
 use crate::config::TokenSource;
@@ -51,6 +53,8 @@ const MAX_ERROR_CHARS: usize = 1000;
 pub struct SessionLink {
     pub publish: Channel,
     pub alive: CancellationToken,
+    /// Acks of the deliveries of this session, batched.
+    pub acks: Acks,
 }
 
 /// One message taken from the work queue.
@@ -90,6 +94,11 @@ pub struct Pipeline {
     chains: Chains,
     /// The receipts exchange, when receipts are on.
     pub receipts: Option<String>,
+    /// Permits for calls without an idempotency key (request-review, assign-agent): what a crash
+    /// can repeat. The dispatcher takes one before the job's concurrency slot (waiting for it
+    /// holds no slot); the job gives it up while it waits (backoff, pause) and holds it from each
+    /// call until the call failed or its delivered record is durable. Unlimited unless set.
+    pub keyless: Arc<Semaphore>,
 }
 
 /// How a job's processing ended, for tests and logs.
@@ -130,21 +139,23 @@ impl Pipeline {
             stopping,
             abort: CancellationToken::new(),
             receipts: None,
+            keyless: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         }
     }
 
-    /// Processes one message to its end.
-    pub async fn process(&self, work: Work) -> Outcome {
+    /// Processes one message to its end. `keyless` is the job's keyless permit when it needs
+    /// one and the caller took it already (see [`Pipeline::keyless`]).
+    pub async fn process(&self, work: Work, keyless: Option<OwnedSemaphorePermit>) -> Outcome {
         if work.session.alive.is_cancelled() || self.abort.is_cancelled() {
             return Outcome::HandedBack;
         }
         self.metrics.jobs_in_flight.inc();
-        let outcome = self.process_inner(&work).await;
+        let outcome = self.process_inner(&work, keyless).await;
         self.metrics.jobs_in_flight.dec();
         outcome
     }
 
-    async fn process_inner(&self, work: &Work) -> Outcome {
+    async fn process_inner(&self, work: &Work, keyless: Option<OwnedSemaphorePermit>) -> Outcome {
         let job = match &work.job {
             Ok(job) => job,
             Err(invalid) => {
@@ -186,7 +197,7 @@ impl Pipeline {
                     r.attempts = record.attempts.into();
                 })
                 .await;
-                self.ack(work).await;
+                self.ack(work);
                 Outcome::Duplicate
             }
             Some(None) => {
@@ -195,7 +206,7 @@ impl Pipeline {
                     .chains
                     .route(&job.conversation_id, seq, tokio::time::Instant::now())
                 {
-                    Route::Send => self.deliver(work, job).await,
+                    Route::Send => self.deliver(work, job, keyless).await,
                     Route::Follow { seq, tier } => self.park(work, job, tier, seq, None).await,
                 }
             }
@@ -208,7 +219,10 @@ impl Pipeline {
         let mut delay = Duration::from_millis(500);
         loop {
             match self.store.get(&job.id) {
-                Ok(found) => return Some(found),
+                Ok(found) => {
+                    self.health.set_store_ok(true);
+                    return Some(found);
+                }
                 Err(e) => {
                     self.health.set_store_ok(false);
                     error!(error = %e, "store unreadable; holding jobs until it recovers");
@@ -217,11 +231,16 @@ impl Pipeline {
             if !self.sleep_unless(&self.abort, delay).await {
                 return None;
             }
-            delay = (delay * 2).min(Duration::from_secs(30));
+            delay = (delay * 2).min(STORE_RETRY_CAP);
         }
     }
 
-    async fn deliver(&self, work: &Work, job: &Job) -> Outcome {
+    async fn deliver(
+        &self,
+        work: &Work,
+        job: &Job,
+        mut keyless: Option<OwnedSemaphorePermit>,
+    ) -> Outcome {
         let kind = job.kind();
         let mut attempts = self.prior_attempts(work);
         let retries = amqp::header_u64(&work.delivery.properties, headers::RETRIES).unwrap_or(0);
@@ -230,6 +249,10 @@ impl Pipeline {
         loop {
             match &mut probe {
                 None => {
+                    if self.gate.is_paused() {
+                        // The prober may need this permit to end the pause.
+                        keyless = None;
+                    }
                     if !self.gate.wait_open(&self.stopping).await {
                         return Outcome::HandedBack;
                     }
@@ -252,6 +275,16 @@ impl Pipeline {
                         attempts,
                     )
                     .await;
+            }
+            // Taken before the rate limiter, so the call goes out at the rate the limiter allows.
+            if !job.kind().carries_uuid() && keyless.is_none() {
+                tokio::select! {
+                    biased;
+                    _ = self.abort.cancelled() => return Outcome::HandedBack,
+                    permit = self.keyless.clone().acquire_owned() => {
+                        keyless = Some(permit.expect("never closed"));
+                    }
+                }
             }
             tokio::select! {
                 biased;
@@ -279,10 +312,14 @@ impl Pipeline {
                     if self.gate.resume() {
                         info!("Blinger accepts the API token again; resuming");
                     }
-                    return self.record_and_ack(work, job, accepted, attempts).await;
+                    return self
+                        .record_and_ack(work, job, accepted, attempts, keyless.take())
+                        .await;
                 }
                 Err(failure) => failure,
             };
+            // Not accepted: nothing to record, and a backoff must not hold the permit.
+            keyless = None;
             if failure.class != Class::Auth && failure.status.is_some() && self.gate.resume() {
                 info!("Blinger accepts the API token again; resuming");
             }
@@ -389,6 +426,7 @@ impl Pipeline {
         job: &Job,
         accepted: Accepted,
         attempts: u64,
+        keyless: Option<OwnedSemaphorePermit>,
     ) -> Outcome {
         let record = Delivered {
             delivered_at_ms: now_ms(),
@@ -406,6 +444,8 @@ impl Pipeline {
                         .store_flush_duration
                         .observe(started.elapsed().as_secs_f64());
                     self.health.set_store_ok(true);
+                    // A crash can no longer repeat the call: the next keyless one may go.
+                    drop(keyless);
                     break;
                 }
                 Err(e) => {
@@ -416,7 +456,7 @@ impl Pipeline {
                     if !self.sleep_unless(&self.abort, delay).await {
                         return Outcome::HandedBack;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    delay = (delay * 2).min(STORE_RETRY_CAP);
                 }
             }
         }
@@ -427,7 +467,7 @@ impl Pipeline {
             r.attempts = attempts;
         })
         .await;
-        self.ack(work).await;
+        self.ack(work);
         let kind = job.kind().as_str();
         self.metrics.jobs_delivered.with_label_values(&[kind]).inc();
         self.metrics
@@ -472,7 +512,7 @@ impl Pipeline {
         if !self.republish(work, queue, properties).await {
             return Outcome::HandedBack;
         }
-        self.ack(work).await;
+        self.ack(work);
         if failure.is_some() {
             info!(id = %job.id, queue, "parked in a delay tier");
         } else {
@@ -507,7 +547,7 @@ impl Pipeline {
             r.attempts = attempts;
         })
         .await;
-        self.ack(work).await;
+        self.ack(work);
         let kind = kind_label(work.kind());
         self.metrics
             .jobs_dead_lettered
@@ -554,7 +594,10 @@ impl Pipeline {
             requeue: true,
             ..BasicNackOptions::default()
         });
-        let _ = on_session(work, nack).await;
+        if let Some(Ok(_)) = on_session(work, nack).await {
+            // Only once the nack is on the wire may a batched ack pass this tag.
+            work.session.acks.forget(work.delivery.delivery_tag);
+        }
         false
     }
 
@@ -594,12 +637,10 @@ impl Pipeline {
         }
     }
 
-    async fn ack(&self, work: &Work) {
-        let acked = on_session(work, work.delivery.acker.ack(BasicAckOptions::default())).await;
-        if !matches!(acked, Some(Ok(_))) {
-            // The session is gone; the broker redelivers and the store makes that a duplicate.
-            debug!(?acked, "ack not done");
-        }
+    /// Hands the delivery to its session's ack batcher (sent within milliseconds). If the
+    /// session is lost first, the broker redelivers and the store makes that a duplicate.
+    fn ack(&self, work: &Work) {
+        work.session.acks.done(work.delivery.delivery_tag);
     }
 
     fn prior_attempts(&self, work: &Work) -> u64 {
@@ -631,6 +672,10 @@ impl Pipeline {
         }
     }
 }
+
+/// Longest wait between two attempts on a failing store: short, so work resumes soon after the
+/// disk has room again.
+const STORE_RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// Longest wait for the broker to answer an ack, nack or publish.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);

@@ -18,9 +18,11 @@ use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::amqp::acks::Acks;
 use crate::amqp::{AmqpError, Session, Topology};
 use crate::blinger::Client;
 use crate::blinger::client::ClientError;
@@ -111,6 +113,7 @@ impl Worker {
         if settings.receipts {
             pipeline.receipts = Some(settings.amqp.receipts_exchange.clone());
         }
+        pipeline.keyless = Arc::new(Semaphore::new(settings.keyless_concurrency as usize));
         let pipeline = Arc::new(pipeline);
         let dispatcher = Dispatcher::new(
             pipeline.clone(),
@@ -218,6 +221,11 @@ impl Worker {
                 }
                 Ended::Shutdown(link) => {
                     drain(&settings, &pipeline, &dispatcher, &stopping).await;
+                    // Finished jobs must be acked before the channel closes, or the broker
+                    // redelivers them.
+                    if let Err(e) = link.acks.flush(true).await {
+                        warn!(error = %e, "acks lost at shutdown; those jobs come back as duplicates");
+                    }
                     link.alive.cancel();
                     session.close().await;
                     health.set_amqp_connected(false);
@@ -268,7 +276,10 @@ async fn consume(
     let link = Arc::new(SessionLink {
         publish: session.publish.clone(),
         alive: CancellationToken::new(),
+        acks: Acks::new(session.consume.clone()),
     });
+    let acker = link.clone();
+    tokio::spawn(async move { acker.acks.run(acker.alive.clone()).await });
     let tag = format!("blinger-worker-{}", uuid::Uuid::new_v4().simple());
     let mut consumer = match session
         .consume

@@ -6,6 +6,7 @@
 //! so a crash in between leaves a duplicate in the target queue, never a loss; the store turns a
 //! duplicate job into a no-op.
 
+pub mod acks;
 pub mod topology;
 
 use std::time::Duration;

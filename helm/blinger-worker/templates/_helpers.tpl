@@ -81,6 +81,7 @@ own default applies.
   "BLINGER_API_URL" ($w.apiUrl | toString)
   "BLINGER_WORKER_METRICS_ADDR" (printf "0.0.0.0:%d" (int64 $w.metricsPort))
   "BLINGER_WORKER_CONCURRENCY" (int64 $w.concurrency | toString)
+  "BLINGER_WORKER_KEYLESS_CONCURRENCY" (int64 $w.keylessConcurrency | toString)
   "BLINGER_WORKER_PREFETCH" (int64 $w.prefetch | toString)
   "BLINGER_WORKER_RATE_LIMIT" (int64 $w.rateLimit | toString)
   "BLINGER_WORKER_RATE_BURST" (int64 $w.rateBurst | toString)
