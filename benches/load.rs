@@ -30,7 +30,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,10 @@ struct Args {
     /// MALLOC_ARENA_MAX=2 or BLINGER_WORKER_RECEIPTS=false.
     #[arg(long = "worker-env")]
     worker_env: Vec<String>,
+    /// Also run (b) with this worker binary (e.g. a build of an earlier commit), in the same run,
+    /// as the before/after baseline.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -497,6 +501,8 @@ struct WorkerRun<'a> {
     latency_ms: u64,
     rate_limit: u32,
     check_order: bool,
+    /// The worker binary: this build's, or `--baseline-bin`.
+    bin: &'a Path,
 }
 
 fn free_port() -> u16 {
@@ -537,7 +543,7 @@ async fn run_worker(
     ));
     let log = std::fs::File::create(&log_path).unwrap();
     let s = &topo.settings;
-    let mut child = Command::new(WORKER)
+    let mut child = Command::new(run.bin)
         .arg("run")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -798,12 +804,35 @@ async fn run(args: Args) {
                     latency_ms: 0,
                     rate_limit: 1_000_000,
                     check_order: true,
+                    bin: Path::new(WORKER),
                 },
                 tck,
             )
             .await;
             eprintln!("  {:.0} jobs/s; {}", row.jobs_per_sec, row.checks);
             b = Some(row);
+        }
+        if let Some(baseline) = &args.baseline_bin {
+            eprintln!("[{qt}] (b) baseline binary {}, 0 ms ...", baseline.display());
+            let row = run_worker(
+                &args,
+                &channel,
+                &sandbox,
+                WorkerRun {
+                    label: "(b) baseline binary, sandbox 0 ms".into(),
+                    queue_type: qt,
+                    jobs: args.jobs,
+                    concurrency: args.concurrency,
+                    latency_ms: 0,
+                    rate_limit: 1_000_000,
+                    check_order: true,
+                    bin: baseline,
+                },
+                tck,
+            )
+            .await;
+            eprintln!("  {:.0} jobs/s; {}", row.jobs_per_sec, row.checks);
+            main_rows.push(row);
         }
         let mut c = None;
         if want("c") {
@@ -823,6 +852,7 @@ async fn run(args: Args) {
                     latency_ms: args.latency_ms,
                     rate_limit: 1_000_000,
                     check_order: true,
+                    bin: Path::new(WORKER),
                 },
                 tck,
             )
@@ -870,6 +900,7 @@ async fn run(args: Args) {
                     latency_ms: args.latency_ms,
                     rate_limit,
                     check_order: true,
+                    bin: Path::new(WORKER),
                 },
                 tck,
             )
