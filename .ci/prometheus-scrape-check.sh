@@ -4,8 +4,8 @@
 #
 #   bash .ci/prometheus-scrape-check.sh 127.0.0.1:9464
 #
-# $1: the worker's metrics address (host:port). The worker must have delivered at least one job (its
-# blinger_worker_jobs_delivered_total{kind} series exist only once incremented): publish jobs first.
+# $1: the worker's metrics address (host:port). Publish jobs first: the worker creates its series at
+# zero at start, but only deliveries while Prometheus scrapes make the rate non-zero.
 # Env: PROM_PORT (default 9099), QUERY_TIMEOUT seconds (default 60), REQUIRE_NONZERO=1 to also require a
 # positive rate (jobs delivered while Prometheus was scraping).
 # Needs: prometheus (apt-get install -y prometheus), curl, python3. Listens on 127.0.0.1 only.

@@ -92,10 +92,10 @@ struct Args {
     /// MALLOC_ARENA_MAX=2 or BLINGER_WORKER_RECEIPTS=false.
     #[arg(long = "worker-env")]
     worker_env: Vec<String>,
-    /// Also run (b) with this worker binary (e.g. a build of an earlier commit), in the same run,
-    /// as the before/after baseline.
-    #[arg(long)]
-    baseline_bin: Option<PathBuf>,
+    /// Also run (b) with another worker binary, in the same run, as LABEL=PATH (repeatable):
+    /// a build of an earlier commit (before/after), or of other features.
+    #[arg(long = "compare", value_parser = parse_compare)]
+    compare: Vec<(String, PathBuf)>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -505,6 +505,13 @@ struct WorkerRun<'a> {
     bin: &'a Path,
 }
 
+fn parse_compare(s: &str) -> Result<(String, PathBuf), String> {
+    let (label, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected LABEL=PATH"))?;
+    Ok((label.to_owned(), PathBuf::from(path)))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -812,21 +819,21 @@ async fn run(args: Args) {
             eprintln!("  {:.0} jobs/s; {}", row.jobs_per_sec, row.checks);
             b = Some(row);
         }
-        if let Some(baseline) = &args.baseline_bin {
-            eprintln!("[{qt}] (b) baseline binary {}, 0 ms ...", baseline.display());
+        for (label, bin) in &args.compare {
+            eprintln!("[{qt}] (b) {label} ({}), 0 ms ...", bin.display());
             let row = run_worker(
                 &args,
                 &channel,
                 &sandbox,
                 WorkerRun {
-                    label: "(b) baseline binary, sandbox 0 ms".into(),
+                    label: format!("(b) {label}, sandbox 0 ms"),
                     queue_type: qt,
                     jobs: args.jobs,
                     concurrency: args.concurrency,
                     latency_ms: 0,
                     rate_limit: 1_000_000,
                     check_order: true,
-                    bin: baseline,
+                    bin,
                 },
                 tck,
             )

@@ -310,6 +310,14 @@ nesting), that input, and 80 inputs the fuzzer found (199 files, 117 KB).
   reads it as the newest snapshot and fails with `Corruption`: two restarts during a disk-full
   incident made the store unusable. The store removes such incomplete snapshots when sled
   reports corruption, and opens again (scenario 9 starts the worker twice on the full disk).
+- **A kill repeated up to 9 request-review/assign-agent calls** (fixed in `src/pipeline.rs`,
+  `src/dispatch.rs`). Those calls carry no idempotency key, and every one outstanding at a kill
+  (call sent, record not yet durable) is sent again after the restart: scenario 1 measured 3 to
+  9 second calls per kill at concurrency 64, where issue 3 asks for at most one. The worker now
+  keeps at most `BLINGER_WORKER_KEYLESS_CONCURRENCY` (default 1) of them outstanding; a job
+  waiting for that permit holds no concurrency slot, so other conversations are not held up.
+  Scenarios 3, 4 and 10 raise the setting (their setup says so): with 1, their keyless jobs
+  would go one Blinger round trip at a time and the runs would last many minutes longer.
 
 ## Limits of the suite
 

@@ -3,24 +3,25 @@
 
 use std::process::ExitCode;
 
-// glibc's malloc took a fifth of the worker's CPU per job (docs/performance.md): jemalloc cuts
-// that to a few percent. Two arenas (the pod has few cores) and prompt purging of dirty pages
-// keep its memory close to glibc's.
-#[cfg(all(unix, not(target_env = "musl")))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc reads its options from this symbol at start (`_rjem_` is the crate's prefix).
-#[cfg(all(unix, not(target_env = "musl")))]
-#[allow(non_upper_case_globals)]
-#[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8; 47] = b"narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
-
 use clap::{Parser, Subcommand};
 
 use blinger_worker::config::RunSettings;
 use blinger_worker::ops::{dlq, publish, store_cmd};
 use blinger_worker::{shutdown, telemetry, worker::Worker};
+
+// With `--features jemalloc` (docs/performance.md: ~25 % less CPU per job than glibc's malloc,
+// ~25 MiB more RSS). One arena and small thread caches keep its memory down: the worker is
+// I/O-bound, and few of its threads allocate much.
+#[cfg(all(feature = "jemalloc", unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc reads its options from this symbol at start (`_rjem_` is the crate's prefix).
+#[cfg(all(feature = "jemalloc", unix, not(target_env = "musl")))]
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 63] =
+    b"narenas:1,tcache_max:4096,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 /// Delivers jobs from RabbitMQ to the Blinger chat-widget API, exactly once, in order per
 /// conversation.

@@ -47,6 +47,13 @@ pub fn kind_label(kind: Option<Kind>) -> &'static str {
     kind.map_or("unknown", Kind::as_str)
 }
 
+/// `status` values of `blinger_worker_api_requests_total` created at zero at start. Other
+/// statuses appear when first seen.
+const EXPECTED_STATUSES: [&str; 14] = [
+    "200", "400", "401", "403", "404", "408", "422", "429", "500", "502", "503", "504", "timeout",
+    "error",
+];
+
 pub struct Metrics {
     registry: Registry,
     pub jobs_received: IntCounterVec,
@@ -212,6 +219,13 @@ impl Metrics {
             metrics
                 .api_request_duration
                 .with_label_values(&[kind.endpoint()]);
+            // The answers worth alerting on: without a zero sample first, rate() never counts
+            // the first failure of a kind (a series that appears at 1 has no increase).
+            for status in EXPECTED_STATUSES {
+                metrics
+                    .api_requests
+                    .with_label_values(&[kind.endpoint(), status]);
+            }
         }
         Arc::new(metrics)
     }
