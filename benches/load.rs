@@ -796,30 +796,11 @@ async fn run(args: Args) {
             eprintln!("  {:.0} jobs/s", row.jobs_per_sec);
             a = Some(row);
         }
+        // (b) with this build, then with each `--compare` binary: same queue type, same sandbox.
         let mut b = None;
-        if want("b") {
-            eprintln!("[{qt}] (b) worker, 0 ms ...");
-            let row = run_worker(
-                &args,
-                &channel,
-                &sandbox,
-                WorkerRun {
-                    label: "(b) worker, sandbox 0 ms".into(),
-                    queue_type: qt,
-                    jobs: args.jobs,
-                    concurrency: args.concurrency,
-                    latency_ms: 0,
-                    rate_limit: 1_000_000,
-                    check_order: true,
-                    bin: Path::new(WORKER),
-                },
-                tck,
-            )
-            .await;
-            eprintln!("  {:.0} jobs/s; {}", row.jobs_per_sec, row.checks);
-            b = Some(row);
-        }
-        for (label, bin) in &args.compare {
+        let this_build = ("worker".to_owned(), PathBuf::from(WORKER));
+        let b_runs = want("b").then_some(&this_build).into_iter();
+        for (i, (label, bin)) in b_runs.chain(&args.compare).enumerate() {
             eprintln!("[{qt}] (b) {label} ({}), 0 ms ...", bin.display());
             let row = run_worker(
                 &args,
@@ -839,7 +820,11 @@ async fn run(args: Args) {
             )
             .await;
             eprintln!("  {:.0} jobs/s; {}", row.jobs_per_sec, row.checks);
-            main_rows.push(row);
+            if i == 0 && want("b") {
+                b = Some(row);
+            } else {
+                main_rows.push(row);
+            }
         }
         let mut c = None;
         if want("c") {
