@@ -74,3 +74,76 @@ async fn each_conversation_is_sent_in_publish_order() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// request-review carries no idempotency key: with the default
+/// `BLINGER_WORKER_KEYLESS_CONCURRENCY` of 1 no two of its calls overlap (so a crash can repeat
+/// at most one), and jobs queued for that permit take no slot from other conversations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_calls_go_one_at_a_time_without_holding_up_other_conversations() {
+    let env = TestEnv::new("keyless").await;
+    env.sandbox.update(|c| c.latency_ms = 300);
+    let worker = env.start_worker(&["--concurrency", "4"]).await;
+    let reviews = 16;
+    let texts = 12;
+    // The reviews first, so that they would fill every slot if waiting for the permit took one.
+    for c in 0..reviews {
+        env.publish(&serde_json::json!({
+            "kind": "request-review",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "conversation_id": format!("review-{c}"),
+        }))
+        .await;
+    }
+    for c in 0..texts {
+        env.publish(&text_job(&format!("text-{c}"), "hi")).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            worker.delivered("request-review") == reviews && worker.delivered("send-text") == texts
+        })
+        .await,
+        "delivered {} reviews, {} texts",
+        worker.delivered("request-review"),
+        worker.delivered("send-text")
+    );
+    let mut records = env.sandbox.requests();
+    records.sort_by_key(|r| r.seq);
+    let arrival_ms = |ts: &str| {
+        let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+            .expect("RFC 3339");
+        (t.unix_timestamp_nanos() / 1_000_000) as u64
+    };
+    let mut calls: Vec<(u64, u64)> = records
+        .iter()
+        .filter(|r| r.endpoint == blinger_worker::sandbox::Endpoint::RequestReview)
+        .map(|r| {
+            let at = arrival_ms(&r.ts);
+            (at, at + r.latency_ms)
+        })
+        .collect();
+    calls.sort_unstable();
+    for pair in calls.windows(2) {
+        // Millisecond timestamps: allow one of rounding each side.
+        assert!(
+            pair[1].0 + 2 >= pair[0].1,
+            "two request-review calls overlapped: {pair:?}"
+        );
+    }
+    // Every text was answered before the 10th review was: the reviews queued for the permit
+    // did not keep the texts' conversations from their slots.
+    let order: Vec<_> = records.iter().map(|r| r.endpoint).collect();
+    let last_text = order
+        .iter()
+        .rposition(|e| *e == blinger_worker::sandbox::Endpoint::SendTextMessage)
+        .expect("texts recorded");
+    let reviews_before = order[..last_text]
+        .iter()
+        .filter(|e| **e == blinger_worker::sandbox::Endpoint::RequestReview)
+        .count();
+    assert!(
+        reviews_before < 10,
+        "{reviews_before} reviews were answered before the last text"
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
