@@ -199,7 +199,7 @@ impl Metrics {
         #[cfg(target_os = "linux")]
         {
             let process = prometheus::process_collector::ProcessCollector::for_self();
-            let _ = metrics.registry.register(Box::new(process));
+            let _ = metrics.registry.register(Box::new(ProcessMetrics(process)));
         }
         // Known label values start at zero, so rate() and absent() behave from the first scrape.
         for kind in Kind::ALL.map(Some).into_iter().chain([None]) {
@@ -309,9 +309,75 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("installing the logger: {e}"))
 }
 
+/// The process metrics of prometheus' collector, except that `process_cpu_seconds_total` is
+/// exact: the collector keeps it as an integer counter of whole seconds, which turns rate() into
+/// a square wave at the low CPU use of a worker (0 or 1/interval cores, never the real figure).
+#[cfg(target_os = "linux")]
+struct ProcessMetrics(prometheus::process_collector::ProcessCollector);
+
+#[cfg(target_os = "linux")]
+impl prometheus::core::Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.0.collect();
+        if let Some(seconds) = cpu_seconds() {
+            for family in families
+                .iter_mut()
+                .filter(|f| f.name() == "process_cpu_seconds_total")
+            {
+                for metric in family.mut_metric() {
+                    let mut counter = prometheus::proto::Counter::default();
+                    counter.set_value(seconds);
+                    metric.set_counter(counter);
+                }
+            }
+        }
+        families
+    }
+}
+
+/// User plus system CPU time of this process, in seconds, from `/proc/self/stat`.
+#[cfg(target_os = "linux")]
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Field 2, the command name, is in parentheses and may contain spaces: count from after it.
+    // What follows starts at field 3; utime and stime are fields 14 and 15, in clock ticks.
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bug this guards against: the CPU counter moved in whole seconds only.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_cpu_seconds_are_exact() {
+        let m = Metrics::new();
+        // Burn a little CPU, well under a second.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(30) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("process_cpu_seconds_total "))
+            .expect("process_cpu_seconds_total exported");
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        // Whole seconds would read 0 here (this process has used far less than a second).
+        assert!(value > 0.0 && value.fract() != 0.0, "{line}");
+    }
 
     #[test]
     fn exposes_the_public_metric_names() {
