@@ -223,8 +223,15 @@ impl Worker {
                     drain(&settings, &pipeline, &dispatcher, &stopping).await;
                     // Finished jobs must be acked before the channel closes, or the broker
                     // redelivers them.
-                    if let Err(e) = link.acks.flush(true).await {
-                        warn!(error = %e, "acks lost at shutdown; those jobs come back as duplicates");
+                    match tokio::time::timeout(Duration::from_secs(5), link.acks.flush(true)).await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "acks lost at shutdown; those jobs come back as duplicates")
+                        }
+                        Err(_) => warn!(
+                            "acks not confirmed sent at shutdown; those jobs may come back as duplicates"
+                        ),
                     }
                     link.alive.cancel();
                     session.close().await;

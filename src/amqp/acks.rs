@@ -153,7 +153,13 @@ impl Acks {
                 _ = alive.cancelled() => return,
                 _ = tokio::time::sleep(WINDOW) => {}
             }
-            if let Err(e) = self.flush(false).await {
+            // lapin does not always fail operations on a connection that died under them.
+            let flushed = tokio::select! {
+                biased;
+                _ = alive.cancelled() => return,
+                flushed = self.flush(false) => flushed,
+            };
+            if let Err(e) = flushed {
                 // The channel is gone: the broker redelivers, the store makes those duplicates.
                 tracing::debug!(error = %e, "acks not sent");
                 alive.cancelled().await;
