@@ -24,39 +24,13 @@ use super::Ctx;
 /// The token the sandbox accepts in every world (scenarios about secrets use their own).
 pub const TOKEN: &str = "rel-token-6c1d9e";
 
-/// The shared broker: `AMQP_URL`, else a testcontainers RabbitMQ where Docker works.
-pub struct SharedBroker {
-    pub url: String,
-    _container: Option<Box<dyn std::any::Any + Send>>,
-}
+/// The integration tests' harness, for its broker: `AMQP_URL`, else a testcontainers RabbitMQ
+/// where Docker works, else a clear failure.
+#[path = "../common/mod.rs"]
+mod common;
 
-pub async fn shared_broker() -> SharedBroker {
-    if let Ok(url) = std::env::var("AMQP_URL") {
-        return SharedBroker {
-            url,
-            _container: None,
-        };
-    }
-    use testcontainers_modules::rabbitmq::RabbitMq;
-    use testcontainers_modules::testcontainers::ImageExt;
-    use testcontainers_modules::testcontainers::runners::AsyncRunner;
-    match RabbitMq::default().with_tag("4.1-management").start().await {
-        Ok(container) => {
-            let port = container
-                .get_host_port_ipv4(5672)
-                .await
-                .expect("RabbitMQ container port");
-            SharedBroker {
-                url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-                _container: Some(Box::new(container)),
-            }
-        }
-        Err(e) => panic!(
-            "the reliability suite needs RabbitMQ: set AMQP_URL (e.g. \
-             amqp://guest:guest@127.0.0.1:5672/%2f) or make Docker available ({e})"
-        ),
-    }
-}
+/// The shared broker (the scenarios that stop a broker or add users run a private node).
+pub use common::{Broker as SharedBroker, broker as shared_broker};
 
 /// A free TCP port on 127.0.0.1 (bound and released: good enough for a test).
 pub fn free_port() -> u16 {
