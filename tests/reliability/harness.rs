@@ -40,27 +40,8 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Queue and exchange names unique to one run of one scenario.
-#[derive(Debug, Clone)]
-pub struct Names {
-    pub exchange: String,
-    pub queue: String,
-    pub dead: String,
-    pub events: String,
-}
-
-impl Names {
-    pub fn new(scenario: &str) -> Names {
-        let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
-        let base = format!("rel.{scenario}.{tag}");
-        Names {
-            exchange: format!("{base}.x"),
-            queue: base.clone(),
-            dead: format!("{base}.dead"),
-            events: format!("{base}.events"),
-        }
-    }
-}
+/// Queue and exchange names unique to one run of one scenario (`t.<scenario>.<tag>`).
+pub use common::Names;
 
 /// A body to publish and the routing key to publish it with.
 #[derive(Debug, Clone)]
