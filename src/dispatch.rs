@@ -64,7 +64,7 @@ impl Dispatcher {
                         .acquire()
                         .await
                         .expect("semaphore never closed");
-                    this.pipeline.process(work, None).await;
+                    Box::pin(this.pipeline.process(work, None)).await;
                 });
                 return;
             }
@@ -113,7 +113,9 @@ impl Dispatcher {
                 .acquire()
                 .await
                 .expect("semaphore never closed");
-            self.pipeline.process(work, keyless).await;
+            // Boxed: a job's future is kilobytes (the HTTP call's state), and a lane waiting for
+            // a slot should not carry one; only the jobs running at once do.
+            Box::pin(self.pipeline.process(work, keyless)).await;
         }
     }
 

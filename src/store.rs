@@ -4,10 +4,11 @@
 //! before every call, so a redelivered job (a crash or a lost connection between Blinger's answer
 //! and the ack) is acked without calling Blinger again.
 //!
-//! Durability is a group commit: writers insert their record, then wait for the next flush; one
-//! flusher task fsyncs for all of them at once, so a burst of concurrent deliveries costs one
-//! fsync, not one each. Records older than the retention are pruned through a time index, so the
-//! store stays bounded.
+//! Durability is a group commit: writers hand their record to one writer thread and wait; the
+//! thread takes every record queued so far, inserts them, adds one time-index entry for the whole
+//! batch, fsyncs once and answers them all. A burst of concurrent deliveries costs one fsync and
+//! one index entry, not one each, and the runtime's threads never wait on sled's writes. Records
+//! older than the retention are pruned through the time index, so the store stays bounded.
 //!
 //! A failed write (a full disk, an I/O error) leaves sled refusing every later write until the
 //! database is opened again (its error is sticky). So after a failed flush the store is marked
@@ -63,8 +64,22 @@ pub struct StoreStats {
     pub size_on_disk_bytes: u64,
 }
 
-/// Answered by the flusher: the generation of the database it flushed, or why it failed.
+/// Answered by the writer thread: the generation of the database it wrote and flushed, or why it
+/// failed.
 type FlushWaiter = oneshot::Sender<Result<u64, String>>;
+
+/// What the writer thread is asked to do.
+enum Request {
+    /// Insert this record, then answer once it is flushed.
+    Record {
+        id: [u8; 16],
+        at_ms: u64,
+        value: Vec<u8>,
+        done: FlushWaiter,
+    },
+    /// Answer after a flush that starts after this request.
+    Flush(FlushWaiter),
+}
 
 /// Page cache of the store. Lookups are by exact key and mostly for recent jobs.
 /// 4 MiB rather than 16: a worker's RSS grows with its page cache (measured in
@@ -74,7 +89,7 @@ const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 /// Least time between two attempts to reopen a broken database.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
-/// Cheap to clone; all clones share one database and one flusher.
+/// Cheap to clone; all clones share one database and one writer thread.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -82,8 +97,8 @@ pub struct Store {
 
 struct Inner {
     shared: Arc<Shared>,
-    flush_requests: mpsc::UnboundedSender<FlushWaiter>,
-    flusher: tokio::task::JoinHandle<()>,
+    requests: mpsc::UnboundedSender<Request>,
+    writer: std::thread::JoinHandle<()>,
 }
 
 /// One opening of the sled database.
@@ -92,11 +107,14 @@ struct Handles {
     generation: u64,
     db: sled::Db,
     delivered: sled::Tree,
-    /// Key: delivered_at (ms, big-endian) ++ uuid. Lets pruning read only what is old.
+    /// The time index, so pruning reads only what is old. One entry per written batch: key
+    /// `newest delivered_at (ms, big-endian) ++ unique id (big-endian)`, value the batch's uuids
+    /// (16 bytes each). Stores written before batching hold one entry per record: key
+    /// `delivered_at ++ uuid`, empty value; pruning reads both.
     by_time: sled::Tree,
 }
 
-/// What the store handles and the flusher share.
+/// What the store handles and the writer thread share.
 struct Shared {
     dir: PathBuf,
     current: RwLock<Option<Arc<Handles>>>,
@@ -235,7 +253,7 @@ impl Shared {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir` and starts its flusher on the current runtime.
+    /// Opens (creating if needed) the store in `dir` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let handles = open_handles(dir, 0)?;
         let shared = Arc::new(Shared {
@@ -247,12 +265,19 @@ impl Store {
             generations: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let flusher = tokio::spawn(flusher(shared.clone(), rx));
+        let for_writer = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer(&for_writer, rx))
+            .map_err(|e| StoreError::Open {
+                path: dir.display().to_string(),
+                source: sled::Error::Io(e),
+            })?;
         Ok(Store {
             inner: Arc::new(Inner {
                 shared,
-                flush_requests: tx,
-                flusher,
+                requests: tx,
+                writer,
             }),
         })
     }
@@ -274,25 +299,17 @@ impl Store {
     /// Records a delivery and returns once it is durable on disk.
     pub async fn record(&self, id: &Uuid, record: &Delivered) -> Result<(), StoreError> {
         let value = serde_json::to_vec(record)?;
-        let h = self.handles()?;
-        // Index first: an index entry without its record is harmless (pruning skips it), a record
-        // without an index entry would never be pruned.
-        let written = h
-            .by_time
-            .insert(time_key(record.delivered_at_ms, id), &[])
-            .and_then(|_| h.delivered.insert(id.as_bytes(), value));
-        let generation = h.generation;
-        drop(h);
-        if let Err(e) = written {
-            self.inner.shared.mark_broken(&e.to_string());
-            return Err(e.into());
-        }
-        let flushed = self.flush_generation().await?;
-        if flushed != generation {
-            // The database was reopened in between: the write went to the old opening.
-            return Err(self.inner.shared.unavailable());
-        }
-        Ok(())
+        let (done, answer) = oneshot::channel();
+        self.inner
+            .requests
+            .send(Request::Record {
+                id: *id.as_bytes(),
+                at_ms: record.delivered_at_ms,
+                value,
+                done,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        wait(answer).await.map(drop)
     }
 
     /// Waits for a flush that starts after this call: everything written before is then durable.
@@ -300,19 +317,23 @@ impl Store {
         self.flush_generation().await.map(drop)
     }
 
-    async fn flush_generation(&self) -> Result<u64, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner
-            .flush_requests
-            .send(tx)
-            .map_err(|_| StoreError::Closed)?;
-        match rx.await {
-            Ok(Ok(generation)) => Ok(generation),
-            Ok(Err(message)) => Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
-                message,
-            )))),
-            Err(_) => Err(StoreError::Closed),
+    /// Waits for the writer thread to have flushed everything written before this call; an error
+    /// if the flush failed, or if the database was reopened since `generation` (what was written
+    /// to the earlier opening may be lost).
+    async fn flushed_since(&self, generation: u64) -> Result<(), StoreError> {
+        if self.flush_generation().await? != generation {
+            return Err(self.inner.shared.unavailable());
         }
+        Ok(())
+    }
+
+    async fn flush_generation(&self) -> Result<u64, StoreError> {
+        let (done, answer) = oneshot::channel();
+        self.inner
+            .requests
+            .send(Request::Flush(done))
+            .map_err(|_| StoreError::Closed)?;
+        wait(answer).await
     }
 
     /// Removes records delivered before `now - retention`. Returns how many were removed.
@@ -321,8 +342,14 @@ impl Store {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
         let mut removed = 0;
         for entry in h.by_time.range(..cutoff.to_be_bytes().to_vec()) {
-            let (key, _) = entry?;
-            if let Ok(id) = <[u8; 16]>::try_from(&key[8..]) {
+            let (key, ids) = entry?;
+            let ids: Vec<&[u8]> = if key.len() == 24 {
+                // Written before batching: one record per entry, its uuid in the key.
+                vec![&key[8..]]
+            } else {
+                ids.chunks_exact(16).collect()
+            };
+            for id in ids {
                 // A newer record under the same id (a replayed, re-sent job) has its own entry.
                 if let Some(raw) = h.delivered.get(id)? {
                     let record: Delivered = serde_json::from_slice(&raw)?;
@@ -353,11 +380,12 @@ impl Store {
             Ok(inner) => {
                 let Inner {
                     shared,
-                    flush_requests,
-                    flusher,
+                    requests,
+                    writer,
                 } = inner;
-                drop(flush_requests);
-                let _ = flusher.await;
+                // The writer thread ends once its queue is closed and empty.
+                drop(requests);
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
                 let handles = shared.current.write().expect("store lock").take();
                 drop(shared);
                 let Some(handles) = handles else {
@@ -384,8 +412,9 @@ impl Store {
             self.inner.shared.mark_broken(&e.to_string());
             return Err(e.into());
         }
+        let generation = h.generation;
         drop(h);
-        self.flush().await
+        self.flushed_since(generation).await
     }
 }
 
@@ -396,40 +425,75 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn time_key(at_ms: u64, id: &Uuid) -> [u8; 24] {
-    let mut key = [0u8; 24];
-    key[..8].copy_from_slice(&at_ms.to_be_bytes());
-    key[8..].copy_from_slice(id.as_bytes());
-    key
+async fn wait(answer: oneshot::Receiver<Result<u64, String>>) -> Result<u64, StoreError> {
+    match answer.await {
+        Ok(Ok(generation)) => Ok(generation),
+        Ok(Err(message)) => Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
+            message,
+        )))),
+        Err(_) => Err(StoreError::Closed),
+    }
 }
 
-/// The group commit: take every waiter queued so far, fsync once, answer them all with the
-/// generation flushed. A failed flush marks the store broken (reopened at its next use).
-async fn flusher(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<FlushWaiter>) {
+/// The group commit, on its own thread: take every request queued so far, insert their records
+/// and one index entry for them, fsync once, and answer them all with the generation written to.
+/// A failed write or flush marks the store broken (reopened at its next use) and fails the batch.
+fn writer(shared: &Shared, mut requests: mpsc::UnboundedReceiver<Request>) {
     let mut batch = Vec::new();
-    while let Some(first) = requests.recv().await {
+    while let Some(first) = requests.blocking_recv() {
         batch.push(first);
         while let Ok(more) = requests.try_recv() {
             batch.push(more);
         }
-        let shared_for_flush = shared.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let h = shared_for_flush.handles().map_err(|e| e.to_string())?;
-            match h.db.flush() {
-                Ok(_) => Ok(h.generation),
-                Err(e) => {
-                    shared_for_flush.mark_broken(&e.to_string());
-                    Err(e.to_string())
-                }
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        for waiter in batch.drain(..) {
-            let _ = waiter.send(result.clone());
+        let result = write_batch(shared, &batch);
+        for request in batch.drain(..) {
+            let (Request::Record { done, .. } | Request::Flush(done)) = request;
+            let _ = done.send(result.clone());
         }
     }
+}
+
+fn write_batch(shared: &Shared, batch: &[Request]) -> Result<u64, String> {
+    let h = shared.handles().map_err(|e| e.to_string())?;
+    let written = insert_batch(&h, batch).and_then(|()| h.db.flush().map(drop));
+    match written {
+        Ok(()) => Ok(h.generation),
+        Err(e) => {
+            shared.mark_broken(&e.to_string());
+            Err(e.to_string())
+        }
+    }
+}
+
+fn insert_batch(h: &Handles, batch: &[Request]) -> sled::Result<()> {
+    let records = || {
+        batch.iter().filter_map(|r| match r {
+            Request::Record {
+                id, at_ms, value, ..
+            } => Some((id, *at_ms, value)),
+            Request::Flush(_) => None,
+        })
+    };
+    let Some(newest) = records().map(|(_, at_ms, _)| at_ms).max() else {
+        return Ok(());
+    };
+    // Index first: an index entry without its record is harmless (pruning skips it), a record
+    // without an index entry would never be pruned. Keyed by the batch's newest time, so the
+    // entry is pruned only once every record in it is old enough.
+    let ids: Vec<u8> = records().flat_map(|(id, _, _)| *id).collect();
+    h.by_time
+        .insert(batch_key(newest, h.db.generate_id()?), ids)?;
+    for (id, _, value) in records() {
+        h.delivered.insert(id, value.as_slice())?;
+    }
+    Ok(())
+}
+
+fn batch_key(newest_ms: u64, unique: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&newest_ms.to_be_bytes());
+    key[8..].copy_from_slice(&unique.to_be_bytes());
+    key
 }
 
 #[cfg(test)]
@@ -529,6 +593,82 @@ mod tests {
             assert!(store.get(id).unwrap().is_some());
         }
         assert_eq!(store.stats().unwrap().records, 200);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_records_shares_index_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.record(&Uuid::new_v4(), &record(now_ms())).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let h = store.handles().unwrap();
+        let entries = h.by_time.len();
+        assert!(entries < 200, "{entries} index entries for 200 records");
+        let indexed: usize = h.by_time.iter().map(|e| e.unwrap().1.len() / 16).sum();
+        assert_eq!(indexed, 200, "every record is in the index once");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_pruned_only_once_its_newest_record_is_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let day = 24 * 3600 * 1000;
+        let (old, fresh) = (Uuid::new_v4(), Uuid::new_v4());
+        // Written as one batch, the way the writer thread does it.
+        let h = store.handles().unwrap();
+        let batch = [
+            Request::Record {
+                id: *old.as_bytes(),
+                at_ms: now_ms() - 8 * day,
+                value: serde_json::to_vec(&record(now_ms() - 8 * day)).unwrap(),
+                done: oneshot::channel().0,
+            },
+            Request::Record {
+                id: *fresh.as_bytes(),
+                at_ms: now_ms() - day,
+                value: serde_json::to_vec(&record(now_ms() - day)).unwrap(),
+                done: oneshot::channel().0,
+            },
+        ];
+        insert_batch(&h, &batch).unwrap();
+        drop(h);
+        let week = Duration::from_secs(7 * 24 * 3600);
+        assert_eq!(
+            store.prune(week).unwrap(),
+            0,
+            "the batch holds a fresh record"
+        );
+        assert!(store.get(&old).unwrap().is_some());
+        assert_eq!(store.prune(Duration::from_secs(3600)).unwrap(), 2);
+        assert!(store.get(&fresh).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn prunes_index_entries_written_before_batching() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let day = 24 * 3600 * 1000;
+        let id = Uuid::new_v4();
+        let at = now_ms() - 8 * day;
+        let h = store.handles().unwrap();
+        // The earlier layout: one entry per record, `delivered_at ++ uuid`, empty value.
+        let mut key = at.to_be_bytes().to_vec();
+        key.extend_from_slice(id.as_bytes());
+        h.by_time.insert(key, &[]).unwrap();
+        h.delivered
+            .insert(id.as_bytes(), serde_json::to_vec(&record(at)).unwrap())
+            .unwrap();
+        drop(h);
+        assert_eq!(store.prune(Duration::from_secs(7 * 24 * 3600)).unwrap(), 1);
+        assert!(store.get(&id).unwrap().is_none());
+        assert_eq!(store.handles().unwrap().by_time.len(), 0);
     }
 
     #[tokio::test]

@@ -97,11 +97,30 @@ impl Session {
     }
 }
 
+/// The largest AMQP frame the worker asks for, unless `AMQP_URL` sets `frame_max`. lapin keeps a
+/// buffer of 32 frames each way per connection: at RabbitMQ's default of 128 KiB that is 8 MiB of
+/// the worker's memory (measured in docs/performance.md), at 16 KiB it is 1 MiB. Jobs are a few
+/// hundred bytes; the largest allowed body (256 KiB) travels as 16 frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
+/// `url` with [`FRAME_MAX`] asked for, unless it sets its own `frame_max`; `None` if it does not
+/// parse (the connect then reports the error, without the password).
+fn with_frame_max(url: &str) -> Option<lapin::uri::AMQPUri> {
+    let mut uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Some(uri)
+}
+
 /// Opens a connection. Errors name the setting and never show the password.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
     let url = settings.url.expose();
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connecting = Connection::connect(url, properties);
+    let connecting = async {
+        match with_frame_max(url) {
+            Some(uri) => Connection::connect_uri(uri, properties).await,
+            None => Connection::connect(url, properties).await,
+        }
+    };
     match tokio::time::timeout(Duration::from_secs(15), connecting).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(source)) => Err(AmqpError::Connect {
@@ -218,6 +237,17 @@ pub fn header_string(properties: &BasicProperties, name: &str) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn asks_for_small_frames_unless_the_url_says_otherwise() {
+        let uri = with_frame_max("amqp://u:p@host:5672/%2f").unwrap();
+        assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
+        assert_eq!(uri.authority.userinfo.password, "p");
+        let uri = with_frame_max("amqp://u:p@host:5672/%2f?frame_max=131072&heartbeat=5").unwrap();
+        assert_eq!(uri.query.frame_max, Some(131_072));
+        assert_eq!(uri.query.heartbeat, Some(5));
+        assert!(with_frame_max("http://nope").is_none());
+    }
 
     #[test]
     fn headers_round_trip_and_force_persistence() {
