@@ -197,6 +197,22 @@ fn cpu_ticks(pid: &str) -> u64 {
     get(14) + get(15)
 }
 
+/// Sockets the process holds open: its pooled HTTP connections, plus the AMQP connection and the
+/// metrics listener. Peak RSS follows the HTTP connections (~30 KiB each in hyper's buffers and
+/// channels), and the pool may open more of them than the worker's concurrency (docs/performance.md).
+fn open_sockets(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 fn vm_hwm_kib(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -636,6 +652,7 @@ async fn run_worker(
     tokio::time::sleep(Duration::from_millis(200)).await;
     let worker_ticks = cpu_ticks(&pid);
     let rss_kib = vm_hwm_kib(&pid);
+    let sockets = open_sockets(&pid);
     let broker_ticks = broker.as_deref().map_or(0, cpu_ticks) - broker_before;
     let self_ticks = cpu_ticks("self") - self_before;
     if let Some(mut perf) = perf {
@@ -697,7 +714,7 @@ async fn run_worker(
         && (!run.check_order || order_violations == 0)
         && status.success();
     let checks = format!(
-        "{}: unique {}/{n}, dup {}, requests {}, left {left}, dead {dead}{}, exit {}",
+        "{}: unique {}/{n}, dup {}, requests {}, left {left}, dead {dead}{}, exit {}; {sockets} sockets open",
         if ok { "OK" } else { "FAILED" },
         stats.unique_uuids,
         stats.duplicates,
