@@ -468,6 +468,7 @@ fn dispatch(c: &mut Criterion) {
         alive: CancellationToken::new(),
         acks: Acks::new(channel.clone()),
     });
+    let ran = std::sync::atomic::AtomicBool::new(false);
     let mut g = c.benchmark_group("pipeline");
     g.measurement_time(Duration::from_secs(5))
         .warm_up_time(Duration::from_secs(1))
@@ -481,6 +482,7 @@ fn dispatch(c: &mut Criterion) {
                 format!("concurrency-{concurrency}"),
             ),
             |b| {
+                ran.store(true, std::sync::atomic::Ordering::Relaxed);
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
@@ -501,8 +503,11 @@ fn dispatch(c: &mut Criterion) {
         );
     }
     g.finish();
-    let delivered = sandbox.stats().delivered;
-    assert!(delivered > 0, "the pipeline bench delivered nothing");
+    // Only when it ran: a filter (`cargo bench --bench hot_path -- store`) skips it.
+    if ran.load(std::sync::atomic::Ordering::Relaxed) {
+        let delivered = sandbox.stats().delivered;
+        assert!(delivered > 0, "the pipeline bench delivered nothing");
+    }
     rt.block_on(async {
         sandbox.shutdown().await;
         let _ = conn.close(200, "bench done".into()).await;

@@ -13,7 +13,8 @@
 //! A failed write (a full disk, an I/O error) leaves sled refusing every later write until the
 //! database is opened again (its error is sticky). So after a failed flush the store is marked
 //! broken: it answers errors (lookups included: nothing is decided on records that may not be
-//! durable) and reopens the database at the next use, at most once a second, until it works.
+//! durable) and the writer thread reopens the database at the next use, at most once a second,
+//! until it works. No runtime thread ever opens the database.
 //! Records that were not durable are gone after the reopen; their jobs were never acked and are
 //! recorded again by the pipeline's retry. A record is reported durable only if the flush that
 //! followed it ran on the same opening of the database it was written to.
@@ -190,7 +191,7 @@ fn open_handles(dir: &Path, generation: u64) -> Result<Handles, StoreError> {
 
 impl Shared {
     /// The current opening, reopening a broken database first (at most once per
-    /// [`REOPEN_EVERY`]); an error while it stays broken.
+    /// [`REOPEN_EVERY`]); an error while it stays broken. For the writer thread only.
     fn handles(&self) -> Result<Arc<Handles>, StoreError> {
         if self.broken.load(Ordering::SeqCst) {
             self.reopen()?;
@@ -282,8 +283,22 @@ impl Store {
         })
     }
 
+    /// The current opening; an error while the store is broken. Reopening is the writer
+    /// thread's job, asked for here: it can take seconds (sled replays its log at open) and it
+    /// sleeps between attempts, and callers of this run on the runtime's few threads.
     fn handles(&self) -> Result<Arc<Handles>, StoreError> {
-        self.inner.shared.handles()
+        let shared = &self.inner.shared;
+        if shared.broken.load(Ordering::SeqCst) {
+            let (nudge, _) = oneshot::channel();
+            let _ = self.inner.requests.send(Request::Flush(nudge));
+            return Err(shared.unavailable());
+        }
+        shared
+            .current
+            .read()
+            .expect("store lock")
+            .clone()
+            .ok_or(StoreError::Closed)
     }
 
     /// The job's delivered record. An error while the store is broken: a record read then might
@@ -535,19 +550,38 @@ mod tests {
         store.record(&before, &record(now_ms())).await.unwrap();
         // What a failed flush (a full disk) does: sled refuses writes until reopened.
         store.inner.shared.mark_broken("simulated failure");
-        // The next use reopens the database; what was durable is still there.
-        assert!(store.get(&before).unwrap().is_some());
-        assert_eq!(store.inner.shared.generations.load(Ordering::SeqCst), 1);
-        let after = Uuid::new_v4();
-        store.record(&after, &record(now_ms())).await.unwrap();
-        // While broken and within a second of the last attempt, it answers errors.
-        store.inner.shared.mark_broken("simulated failure");
-        *store.inner.shared.reopening.lock().unwrap() = Some(Instant::now());
+        // A lookup answers an error at once (it never reopens on the caller's thread) and asks
+        // the writer thread to reopen.
         assert!(matches!(
             store.get(&before),
             Err(StoreError::Unavailable(why)) if why.contains("simulated")
         ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.get(&before).is_err() {
+            assert!(Instant::now() < deadline, "not reopened");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // What was durable is still there.
+        assert!(store.get(&before).unwrap().is_some());
+        assert_eq!(store.inner.shared.generations.load(Ordering::SeqCst), 1);
+        let after = Uuid::new_v4();
+        store.record(&after, &record(now_ms())).await.unwrap();
+        // While broken and within a second of the last attempt, writes answer errors too.
+        store.inner.shared.mark_broken("simulated failure");
+        *store.inner.shared.reopening.lock().unwrap() = Some(Instant::now());
+        assert!(
+            store
+                .record(&Uuid::new_v4(), &record(now_ms()))
+                .await
+                .is_err()
+        );
+        assert!(store.get(&before).is_err());
+        // Once the second is over, the next write reopens and succeeds.
         *store.inner.shared.reopening.lock().unwrap() = None;
+        store
+            .record(&Uuid::new_v4(), &record(now_ms()))
+            .await
+            .unwrap();
         store.close().await.unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert!(store.get(&before).unwrap().is_some());
