@@ -7,9 +7,16 @@
 //! slot at most and never holds up the others; jobs waiting for a keyless permit, see
 //! [`Pipeline::keyless`], hold no slot). Invalid messages need no order: they are
 //! dead-lettered straight away.
+//!
+//! The worker's slots open in steps at start ([`Dispatcher::with_slow_start`]): a worker that
+//! starts on a backlog would otherwise begin `concurrency` calls at once, each opening a
+//! connection, and the HTTP pool keeps the connections still being opened when the first calls
+//! finish, as extras (measured in docs/performance.md: 750–970 connections for 512 slots, ~30 KiB
+//! each; at Blinger, as many TLS handshakes at once).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
@@ -28,12 +35,40 @@ pub struct Dispatcher {
     max_body_bytes: usize,
 }
 
+/// Slots opened at once by [`Dispatcher::with_slow_start`], and then at each step.
+const SLOW_START_STEP: usize = 32;
+/// Time between two steps: 512 slots are open after 375 ms.
+const SLOW_START_EVERY: Duration = Duration::from_millis(25);
+
 impl Dispatcher {
+    /// A dispatcher with all `concurrency` slots open.
     pub fn new(pipeline: Arc<Pipeline>, concurrency: usize, max_body_bytes: usize) -> Arc<Self> {
+        Self::with_slots(
+            pipeline,
+            Arc::new(Semaphore::new(concurrency)),
+            max_body_bytes,
+        )
+    }
+
+    /// A dispatcher whose `concurrency` slots open [`SLOW_START_STEP`] at a time (see the module
+    /// docs). Call within the runtime.
+    pub fn with_slow_start(
+        pipeline: Arc<Pipeline>,
+        concurrency: usize,
+        max_body_bytes: usize,
+    ) -> Arc<Self> {
+        Self::with_slots(pipeline, slowly_opening(concurrency), max_body_bytes)
+    }
+
+    fn with_slots(
+        pipeline: Arc<Pipeline>,
+        permits: Arc<Semaphore>,
+        max_body_bytes: usize,
+    ) -> Arc<Self> {
         Arc::new(Dispatcher {
             pipeline,
             lanes: Mutex::new(HashMap::new()),
-            permits: Arc::new(Semaphore::new(concurrency)),
+            permits,
             tasks: TaskTracker::new(),
             max_body_bytes,
         })
@@ -134,5 +169,49 @@ impl Dispatcher {
     pub async fn drained(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// A semaphore of `total` permits, [`SLOW_START_STEP`] of them available at once and the rest
+/// added in steps every [`SLOW_START_EVERY`].
+fn slowly_opening(total: usize) -> Arc<Semaphore> {
+    let first = total.min(SLOW_START_STEP);
+    let permits = Arc::new(Semaphore::new(first));
+    if first < total {
+        let opening = permits.clone();
+        tokio::spawn(async move {
+            let mut open = first;
+            while open < total {
+                tokio::time::sleep(SLOW_START_EVERY).await;
+                let more = SLOW_START_STEP.min(total - open);
+                opening.add_permits(more);
+                open += more;
+            }
+        });
+    }
+    permits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_open_in_steps_up_to_the_concurrency() {
+        let permits = slowly_opening(100);
+        assert_eq!(permits.available_permits(), 32);
+        let mut seen = vec![permits.available_permits()];
+        for _ in 0..6 {
+            tokio::time::sleep(SLOW_START_EVERY).await;
+            tokio::task::yield_now().await;
+            seen.push(permits.available_permits());
+        }
+        assert_eq!(seen, [32, 64, 96, 100, 100, 100, 100]);
+    }
+
+    #[tokio::test]
+    async fn a_small_concurrency_is_open_at_once() {
+        assert_eq!(slowly_opening(8).available_permits(), 8);
+        assert_eq!(slowly_opening(32).available_permits(), 32);
     }
 }

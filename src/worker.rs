@@ -115,7 +115,7 @@ impl Worker {
         }
         pipeline.keyless = Arc::new(Semaphore::new(settings.keyless_concurrency as usize));
         let pipeline = Arc::new(pipeline);
-        let dispatcher = Dispatcher::new(
+        let dispatcher = Dispatcher::with_slow_start(
             pipeline.clone(),
             settings.concurrency as usize,
             settings.max_body_bytes,
