@@ -272,8 +272,9 @@ impl Analysis {
             }
         }
         // Second calls of assign-agent (and resends of text/file) are charged to the instance of
-        // the call that was lost: the first one.
-        let mut first_instance: HashMap<usize, usize> = HashMap::new();
+        // the call that was lost: the one before (a job lost by two instances in a row is
+        // charged once to each, not twice to the first).
+        let mut last_instance: HashMap<usize, usize> = HashMap::new();
         for r in records.iter().filter(|r| r.status == 200) {
             let key = match r.endpoint {
                 Endpoint::AssignAgent => r
@@ -290,16 +291,11 @@ impl Analysis {
                 continue;
             };
             let instance = instance_of(r, boundaries);
-            match first_instance.get(&i) {
-                None => {
-                    first_instance.insert(i, instance);
-                }
-                Some(&first) => {
-                    a.repeats_by_instance[first] += 1;
-                    if r.endpoint == Endpoint::AssignAgent {
-                        a.second_calls += 1;
-                        a.second_calls_by_instance[first] += 1;
-                    }
+            if let Some(lost) = last_instance.insert(i, instance) {
+                a.repeats_by_instance[lost] += 1;
+                if r.endpoint == Endpoint::AssignAgent {
+                    a.second_calls += 1;
+                    a.second_calls_by_instance[lost] += 1;
                 }
             }
         }
