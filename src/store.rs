@@ -196,6 +196,11 @@ impl Shared {
         if self.broken.load(Ordering::SeqCst) {
             self.reopen()?;
         }
+        self.current()
+    }
+
+    /// The current opening as it is, broken or not.
+    fn current(&self) -> Result<Arc<Handles>, StoreError> {
         self.current
             .read()
             .expect("store lock")
@@ -293,12 +298,7 @@ impl Store {
             let _ = self.inner.requests.send(Request::Flush(nudge));
             return Err(shared.unavailable());
         }
-        shared
-            .current
-            .read()
-            .expect("store lock")
-            .clone()
-            .ok_or(StoreError::Closed)
+        shared.current()
     }
 
     /// The job's delivered record. An error while the store is broken: a record read then might
