@@ -33,7 +33,7 @@ SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+\S+")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 KINDS = {"send-text", "send-file", "request-review", "assign-agent", "unknown"}
-REASONS = {"invalid", "rejected", "retries-exhausted", "expired"}
+REASONS = {"invalid", "rejected", "retries-exhausted", "expired", "conflict"}
 ENDPOINTS = {"send-text-message", "send-file-message", "request-review", "assign-agent"}
 STATUS = re.compile(r"^([1-5][0-9]{2}|error|timeout)$")
 # metric (base name) -> {label: check}

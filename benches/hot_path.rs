@@ -36,6 +36,7 @@ use blinger_worker::retry::RetryPolicy;
 use blinger_worker::sandbox::{Sandbox, SandboxConfig};
 use blinger_worker::store::{Delivered, Store, now_ms};
 use blinger_worker::telemetry::{Health, Metrics};
+use blinger_worker::trail::TrailKey;
 use clap::Parser;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use lapin::message::Delivery;
@@ -138,6 +139,7 @@ fn record() -> Delivered {
         blinger_id: Some(Uuid::new_v4().to_string()),
         blinger_status: Some("delivered".into()),
         attempts: 1,
+        digest: None,
     }
 }
 
@@ -353,6 +355,7 @@ fn world(rt: &tokio::runtime::Runtime, api: &str) -> World {
         metrics,
         health,
         CancellationToken::new(),
+        TrailKey::load(None, dir.path()).unwrap(),
     );
     World {
         pipeline: Arc::new(pipeline),
@@ -413,6 +416,7 @@ fn dispatch(c: &mut Criterion) {
         publish: channel.clone(),
         alive: CancellationToken::new(),
         acks: Acks::new(channel.clone()),
+        header_budget: blinger_worker::amqp::outgoing::DEFAULT_HEADER_BUDGET,
     });
     dead.alive.cancel();
     let mut g = c.benchmark_group("dispatch");
@@ -467,6 +471,7 @@ fn dispatch(c: &mut Criterion) {
         publish: channel.clone(),
         alive: CancellationToken::new(),
         acks: Acks::new(channel.clone()),
+        header_budget: blinger_worker::amqp::outgoing::DEFAULT_HEADER_BUDGET,
     });
     let ran = std::sync::atomic::AtomicBool::new(false);
     let mut g = c.benchmark_group("pipeline");

@@ -111,3 +111,29 @@ ensure_prometheus() {
   fi
   command -v curl >/dev/null || apt_install curl
 }
+
+# A RabbitMQ user with the `impersonator` tag, so the hostile-publisher tests can publish with
+# another user's `user_id` (tests/hostile_publishers.rs): exports AMQP_IMPERSONATOR_URL for the
+# broker at $AMQP_URL. Needs rabbitmqctl for that broker (as_root), or AMQP_IMPERSONATOR_URL set.
+ensure_impersonator() {
+  if [ -n "${AMQP_IMPERSONATOR_URL:-}" ]; then
+    return 0
+  fi
+  local ctl=(as_root rabbitmqctl)
+  if [ $# -gt 0 ]; then
+    ctl=("$@")
+  elif command -v docker >/dev/null && docker inspect blinger-worker-rabbitmq >/dev/null 2>&1; then
+    ctl=(docker exec blinger-worker-rabbitmq rabbitmqctl)
+  fi
+  local user=blinger-impersonator pass=impersonator-pw
+  if ! "${ctl[@]}" -q list_users 2>/dev/null | grep -q "^$user[[:space:]]"; then
+    "${ctl[@]}" -q add_user "$user" "$pass" >/dev/null \
+      || die "cannot create the RabbitMQ user $user (rabbitmqctl); or set AMQP_IMPERSONATOR_URL"
+  fi
+  "${ctl[@]}" -q set_user_tags "$user" impersonator >/dev/null
+  "${ctl[@]}" -q set_permissions -p / "$user" '.*' '.*' '.*' >/dev/null
+  local host port
+  read -r host port < <(amqp_host_port)
+  AMQP_IMPERSONATOR_URL="amqp://$user:$pass@$host:$port/%2f"
+  export AMQP_IMPERSONATOR_URL
+}

@@ -8,6 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 ensure_rabbitmq
+ensure_impersonator
 ensure_python_tools
 ensure_prometheus
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -268,6 +268,12 @@ pub struct RunSettings {
     /// Message bodies larger than this are dead-lettered as invalid.
     #[arg(long, env = "BLINGER_WORKER_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Key that seals the worker's trail headers on jobs in the delay tiers (at least 16
+    /// characters), so a publisher cannot forge them (see `trail`). Replicas consuming the same
+    /// queues must share it. Unset: a random key kept in the data directory (`trail.key`).
+    #[arg(long, env = "BLINGER_WORKER_TRAIL_KEY", hide_env_values = true)]
+    pub trail_key: Option<Secret>,
 }
 
 /// Where the token comes from. A file is re-read on demand, a literal never changes.

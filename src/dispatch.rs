@@ -21,11 +21,13 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use crate::job;
 use crate::pipeline::{Pipeline, SessionLink, Work};
 use crate::store::now_ms;
 use crate::telemetry::kind_label;
+use crate::trail::{Found, Trail};
 
 pub struct Dispatcher {
     pipeline: Arc<Pipeline>,
@@ -78,10 +80,23 @@ impl Dispatcher {
     pub fn submit(self: &Arc<Self>, delivery: Delivery, session: &Arc<SessionLink>) {
         session.acks.received(delivery.delivery_tag);
         let job = job::decode(&delivery.data, self.max_body_bytes);
+        let (trail, found) = Trail::decode(
+            &delivery.properties,
+            &delivery.data,
+            &self.pipeline.trail_key,
+        );
+        if found == Found::Ignored {
+            warn!(
+                id = job.as_ref().map(|j| j.id.to_string()).unwrap_or_default(),
+                "ignoring x-blinger-* headers the worker did not write (a publisher's, or sealed \
+                 with another BLINGER_WORKER_TRAIL_KEY)"
+            );
+        }
         let work = Work {
             delivery,
             session: session.clone(),
             job,
+            trail,
             received_ms: now_ms(),
         };
         self.pipeline

@@ -110,6 +110,29 @@ impl Job {
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
+
+    /// Hex SHA-256 of what the job asks Blinger to do: kind, conversation and payload (not the id,
+    /// not `expires_at`, not the JSON's spelling). Two messages with one id and one digest are
+    /// the same job; one id with two digests is a publisher reusing an id for another job.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        // Each field length-prefixed, so no two different jobs encode alike.
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        field(b"blinger-worker/job/v1");
+        field(self.kind().as_str().as_bytes());
+        field(self.conversation_id.as_bytes());
+        match &self.action {
+            Action::SendText { text } => field(text.as_bytes()),
+            Action::SendFile { file_url } => field(file_url.as_str().as_bytes()),
+            Action::RequestReview => {}
+            Action::AssignAgent { agent_id } => field(agent_id.as_bytes()),
+        }
+        hex::encode(h.finalize())
+    }
 }
 
 /// Why a message is not a valid job. The kind is kept when it could be read, for the metric label.

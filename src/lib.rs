@@ -4,7 +4,8 @@
 //!
 //! One module per outside system and one per concern:
 //! - [`config`]: settings (flags and environment), secrets;
-//! - [`job`]: the job contract, decoding and validation;
+//! - [`job`]: the job contract, decoding and validation; [`trail`]: the worker's own sealed
+//!   headers on a job (retries, chain, attempts), decoded once;
 //! - [`amqp`]: RabbitMQ connection, topology, confirmed publishing;
 //! - [`blinger`]: the Blinger HTTP client and its typed answers;
 //! - [`store`]: the idempotency store (sled) with group commit;
@@ -36,4 +37,5 @@ pub mod sandbox;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod trail;
 pub mod worker;

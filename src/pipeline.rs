@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! delivery ─ invalid? ──────────────────────────────────────> dead-letter `invalid`
+//!          ─ already in the store? ─ same job ──────────────> ack (duplicate)
+//!                                  ─ another job, same id ─> dead-letter `conflict`
 //!          ─ expired? ──────────────────────────────────────> dead-letter `expired`
-//!          ─ already in the store? ─────────────────────────> ack (duplicate)
 //!          ─ older jobs of its conversation in a delay tier? ─> follow them (see `order`)
 //!          ─ rate limiter ─ Blinger ─ accepted ─ record (group commit) ─> ack
 //!                                   ─ transient ─ backoff, retry ─ park in a delay tier ─ dead-letter `retries-exhausted`
@@ -15,6 +16,10 @@
 //! its republish (delay tier, dead-letter queue) was confirmed by the broker. A job that cannot be
 //! finished (connection lost, shutdown grace over) is simply not acked: the broker redelivers it,
 //! and the store makes the redelivery a no-op if Blinger had already accepted it.
+//!
+//! Untrusted input: the delivery's properties and headers are the publisher's, like its body.
+//! The worker's own trail (retries, chain, attempts) is read only from a seal the worker wrote
+//! ([`crate::trail`]), and every republish is built from an allowlist ([`amqp::outgoing`]).
 //!
 //! Per-conversation order: the dispatcher runs one job per conversation at a time, and when a job
 //! is parked in a delay tier the later jobs of its conversation follow it through the tiers
@@ -32,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::amqp::acks::Acks;
-use crate::amqp::{self, Topology, headers};
+use crate::amqp::{self, Topology, headers, outgoing};
 use crate::blinger::{Accepted, Client};
 use crate::config::TokenSource;
 use crate::failure::{Class, Failure};
@@ -44,6 +49,7 @@ use crate::receipts::{self, Receipt};
 use crate::retry::{Next, RetryPolicy};
 use crate::store::{Delivered, Store, now_ms};
 use crate::telemetry::{DeadReason, Health, Metrics, kind_label};
+use crate::trail::{Trail, TrailKey};
 
 /// Longest `x-blinger-error` text.
 const MAX_ERROR_CHARS: usize = 1000;
@@ -55,6 +61,9 @@ pub struct SessionLink {
     pub alive: CancellationToken,
     /// Acks of the deliveries of this session, batched.
     pub acks: Acks,
+    /// Most bytes of a publisher's headers a republish on this session copies
+    /// ([`outgoing::header_budget`] of the negotiated frame size).
+    pub header_budget: usize,
 }
 
 /// One message taken from the work queue.
@@ -62,6 +71,8 @@ pub struct Work {
     pub delivery: Delivery,
     pub session: Arc<SessionLink>,
     pub job: Result<Job, InvalidJob>,
+    /// The worker's own trail, from a seal it wrote; fresh for a publisher's message.
+    pub trail: Trail,
     /// Unix milliseconds when this worker took the message.
     pub received_ms: u64,
 }
@@ -99,6 +110,8 @@ pub struct Pipeline {
     /// holds no slot); the job gives it up while it waits (backoff, pause) and holds it from each
     /// call until the call failed or its delivered record is durable. Unlimited unless set.
     pub keyless: Arc<Semaphore>,
+    /// Seals the trail of the jobs this worker parks.
+    pub trail_key: TrailKey,
 }
 
 /// How a job's processing ended, for tests and logs.
@@ -124,6 +137,7 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         stopping: CancellationToken,
+        trail_key: TrailKey,
     ) -> Pipeline {
         Pipeline {
             chains: Chains::new(policy.tiers.clone()),
@@ -140,6 +154,7 @@ impl Pipeline {
             abort: CancellationToken::new(),
             receipts: None,
             keyless: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            trail_key,
         }
     }
 
@@ -156,10 +171,10 @@ impl Pipeline {
     }
 
     async fn process_inner(&self, work: &Work, keyless: Option<OwnedSemaphorePermit>) -> Outcome {
+        let attempts = u64::from(work.trail.attempts);
         let job = match &work.job {
             Ok(job) => job,
             Err(invalid) => {
-                let attempts = self.prior_attempts(work);
                 return self
                     .dead_letter(
                         work,
@@ -171,47 +186,75 @@ impl Pipeline {
                     .await;
             }
         };
-        if job.is_expired(time::OffsetDateTime::now_utc()) {
-            let attempts = self.prior_attempts(work);
-            return self
-                .dead_letter(
+        match self.lookup(job).await {
+            Some(Some(record)) => self.already_delivered(work, job, record).await,
+            Some(None) if job.is_expired(time::OffsetDateTime::now_utc()) => {
+                self.dead_letter(
                     work,
                     DeadReason::Expired,
                     "expires_at passed before delivery",
                     None,
                     attempts,
                 )
-                .await;
-        }
-        match self.lookup(job).await {
-            Some(Some(record)) => {
-                self.metrics
-                    .jobs_duplicate
-                    .with_label_values(&[job.kind().as_str()])
-                    .inc();
-                debug!(id = %job.id, "already delivered; acking the duplicate");
-                // Receipts are at-least-once: a crash may have lost the first one.
-                self.receipt(work, receipts::Outcome::Delivered, None, |r| {
-                    r.blinger_message_id = record.blinger_id.clone();
-                    r.blinger_status = record.blinger_status.clone();
-                    r.attempts = record.attempts.into();
-                })
-                .await;
-                self.ack(work);
-                Outcome::Duplicate
+                .await
             }
             Some(None) => {
-                let seq = amqp::header_u64(&work.delivery.properties, headers::CHAIN);
-                match self
-                    .chains
-                    .route(&job.conversation_id, seq, tokio::time::Instant::now())
-                {
+                match self.chains.route(
+                    &job.conversation_id,
+                    work.trail.chain,
+                    tokio::time::Instant::now(),
+                ) {
                     Route::Send => self.deliver(work, job, keyless).await,
-                    Route::Follow { seq, tier } => self.park(work, job, tier, seq, None).await,
+                    Route::Follow { seq, tier } => {
+                        let trail = Trail {
+                            chain: Some(seq),
+                            first_seen_ms: Some(self.first_seen_ms(work)),
+                            ..work.trail
+                        };
+                        self.park(work, job, tier, trail, None).await
+                    }
                 }
             }
             None => Outcome::HandedBack,
         }
+    }
+
+    /// A job whose id the store knows: a redelivery of the same job is acked as a duplicate
+    /// (with its `delivered` receipt again); another job under a used id is dead-lettered
+    /// `conflict`, never acked as delivered. Records older than the digest count as the same job.
+    async fn already_delivered(&self, work: &Work, job: &Job, record: Delivered) -> Outcome {
+        if record.digest.as_ref().is_some_and(|d| *d != job.digest()) {
+            let detail = format!(
+                "id {} was delivered at {} as a different job ({} to another conversation or \
+                 with other content); this one was not sent",
+                job.id,
+                receipts::timestamp(record.delivered_at_ms),
+                record.kind,
+            );
+            return self
+                .dead_letter(
+                    work,
+                    DeadReason::Conflict,
+                    &detail,
+                    None,
+                    u64::from(work.trail.attempts),
+                )
+                .await;
+        }
+        self.metrics
+            .jobs_duplicate
+            .with_label_values(&[job.kind().as_str()])
+            .inc();
+        debug!(id = %job.id, "already delivered; acking the duplicate");
+        // Receipts are at-least-once: a crash may have lost the first one.
+        self.receipt(work, receipts::Outcome::Delivered, None, |r| {
+            r.blinger_message_id = record.blinger_id.clone();
+            r.blinger_status = record.blinger_status.clone();
+            r.attempts = record.attempts.into();
+        })
+        .await;
+        self.ack(work);
+        Outcome::Duplicate
     }
 
     /// The job's delivered record, if any; `None` if the store stayed unreadable until shutdown.
@@ -242,9 +285,8 @@ impl Pipeline {
         mut keyless: Option<OwnedSemaphorePermit>,
     ) -> Outcome {
         let kind = job.kind();
-        let mut attempts = self.prior_attempts(work);
-        let retries = amqp::header_u64(&work.delivery.properties, headers::RETRIES).unwrap_or(0);
-        let mut round = self.policy.round(retries.min(u32::MAX as u64) as u32);
+        let mut trail = work.trail;
+        let mut round = self.policy.round(trail.retries);
         let mut probe = None;
         loop {
             match &mut probe {
@@ -272,7 +314,7 @@ impl Pipeline {
                         DeadReason::Expired,
                         "expires_at passed while retrying",
                         None,
-                        attempts,
+                        trail.attempts.into(),
                     )
                     .await;
             }
@@ -291,7 +333,7 @@ impl Pipeline {
                 _ = self.abort.cancelled() => return Outcome::HandedBack,
                 _ = self.limiter.acquire() => {}
             }
-            attempts += 1;
+            trail.add_attempt();
             let started = Instant::now();
             let result = self.client.send(job).await;
             self.metrics
@@ -313,7 +355,7 @@ impl Pipeline {
                         info!("Blinger accepts the API token again; resuming");
                     }
                     return self
-                        .record_and_ack(work, job, accepted, attempts, keyless.take())
+                        .record_and_ack(work, job, accepted, trail.attempts, keyless.take())
                         .await;
                 }
                 Err(failure) => failure,
@@ -344,7 +386,7 @@ impl Pipeline {
                             DeadReason::Rejected,
                             &failure.detail,
                             failure.status,
-                            attempts,
+                            trail.attempts.into(),
                         )
                         .await;
                 }
@@ -359,7 +401,7 @@ impl Pipeline {
                     }
                     let next = match round.after_failure(failure.retry_after) {
                         Next::Wait(delay) => {
-                            debug!(id = %job.id, attempts, ?delay, error = %failure.detail, "transient failure; retrying");
+                            debug!(id = %job.id, attempts = trail.attempts, ?delay, error = %failure.detail, "transient failure; retrying");
                             if self.sleep_unless(&self.stopping, delay).await {
                                 self.metrics
                                     .jobs_retried
@@ -380,18 +422,17 @@ impl Pipeline {
                                 .inc();
                             let seq = self.chains.parked(
                                 &job.conversation_id,
-                                amqp::header_u64(&work.delivery.properties, headers::CHAIN),
+                                trail.chain,
                                 tier,
                                 tokio::time::Instant::now(),
                             );
-                            self.park(
-                                work,
-                                job,
-                                tier,
-                                seq,
-                                Some((&failure, attempts, retries + 1)),
-                            )
-                            .await
+                            let trail = Trail {
+                                retries: trail.retries.saturating_add(1),
+                                chain: Some(seq),
+                                first_seen_ms: Some(self.first_seen_ms(work)),
+                                ..trail
+                            };
+                            self.park(work, job, tier, trail, Some(&failure)).await
                         }
                         Next::GiveUp | Next::Wait(_) => {
                             self.dead_letter(
@@ -399,7 +440,7 @@ impl Pipeline {
                                 DeadReason::RetriesExhausted,
                                 &failure.detail,
                                 failure.status,
-                                attempts,
+                                trail.attempts.into(),
                             )
                             .await
                         }
@@ -425,7 +466,7 @@ impl Pipeline {
         work: &Work,
         job: &Job,
         accepted: Accepted,
-        attempts: u64,
+        attempts: u32,
         keyless: Option<OwnedSemaphorePermit>,
     ) -> Outcome {
         let record = Delivered {
@@ -433,7 +474,8 @@ impl Pipeline {
             kind: job.kind().as_str().to_owned(),
             blinger_id: accepted.blinger_id.clone(),
             blinger_status: accepted.blinger_status.clone(),
-            attempts: attempts.min(u32::MAX as u64) as u32,
+            attempts,
+            digest: Some(job.digest()),
         };
         let mut delay = Duration::from_millis(500);
         loop {
@@ -464,7 +506,7 @@ impl Pipeline {
             r.blinger_message_id = record.blinger_id.clone();
             r.blinger_status = record.blinger_status.clone();
             r.http_status = Some(accepted.http_status);
-            r.attempts = attempts;
+            r.attempts = attempts.into();
         })
         .await;
         self.ack(work);
@@ -478,27 +520,19 @@ impl Pipeline {
         Outcome::Delivered
     }
 
-    /// Republishes the job to delay tier `tier` with chain sequence `seq`, and acks it. `failure`
-    /// is `None` for a job that only follows older jobs of its conversation (its own counters are
+    /// Republishes the job to delay tier `tier` with its sealed `trail`, and acks it. `failure`
+    /// is `None` for a job that only follows older jobs of its conversation (its counters are
     /// unchanged then).
     async fn park(
         &self,
         work: &Work,
         job: &Job,
         tier: usize,
-        seq: u64,
-        failure: Option<(&Failure, u64, u64)>,
+        trail: Trail,
+        failure: Option<&Failure>,
     ) -> Outcome {
-        let mut extra = vec![
-            (
-                headers::FIRST_SEEN,
-                AMQPValue::LongLongInt(self.first_seen_ms(work) as i64),
-            ),
-            (headers::CHAIN, AMQPValue::LongLongInt(seq as i64)),
-        ];
-        if let Some((failure, attempts, retries)) = failure {
-            extra.push((headers::ATTEMPTS, AMQPValue::LongLongInt(attempts as i64)));
-            extra.push((headers::RETRIES, AMQPValue::LongLongInt(retries as i64)));
+        let mut extra = trail.headers(&work.delivery.data, &self.trail_key);
+        if let Some(failure) = failure {
             extra.push((
                 headers::ERROR,
                 amqp::string_value(&truncate(&failure.detail)),
@@ -508,7 +542,7 @@ impl Pipeline {
             }
         }
         let queue = &self.topology.tiers[tier];
-        let properties = amqp::with_headers(&work.delivery.properties, extra);
+        let properties = self.outgoing(work, extra);
         if !self.republish(work, queue, properties).await {
             return Outcome::HandedBack;
         }
@@ -519,6 +553,11 @@ impl Pipeline {
             debug!(id = %job.id, queue, "following older jobs of its conversation");
         }
         Outcome::Parked
+    }
+
+    /// The properties of a republish of `work`: the allowlist, and the worker's `own` headers.
+    fn outgoing(&self, work: &Work, own: Vec<(&'static str, AMQPValue)>) -> lapin::BasicProperties {
+        outgoing::outgoing(&work.delivery.properties, own, work.session.header_budget)
     }
 
     async fn dead_letter(
@@ -537,7 +576,19 @@ impl Pipeline {
         if let Some(status) = status {
             extra.push((headers::STATUS, AMQPValue::LongInt(status.into())));
         }
-        let properties = amqp::with_headers(&work.delivery.properties, extra);
+        if work.trail.retries > 0 {
+            extra.push((
+                headers::RETRIES,
+                AMQPValue::LongLongInt(work.trail.retries.into()),
+            ));
+        }
+        if let Some(first_seen) = work.trail.first_seen_ms {
+            extra.push((
+                headers::FIRST_SEEN,
+                AMQPValue::LongLongInt(first_seen as i64),
+            ));
+        }
+        let properties = self.outgoing(work, extra);
         let queue = self.topology.dead_letter_queue.clone();
         if !self.republish(work, &queue, properties).await {
             return Outcome::HandedBack;
@@ -643,12 +694,8 @@ impl Pipeline {
         work.session.acks.done(work.delivery.delivery_tag);
     }
 
-    fn prior_attempts(&self, work: &Work) -> u64 {
-        amqp::header_u64(&work.delivery.properties, headers::ATTEMPTS).unwrap_or(0)
-    }
-
     fn first_seen_ms(&self, work: &Work) -> u64 {
-        amqp::header_u64(&work.delivery.properties, headers::FIRST_SEEN).unwrap_or(work.received_ms)
+        work.trail.first_seen_ms.unwrap_or(work.received_ms)
     }
 
     /// From the AMQP timestamp (seconds, or milliseconds if the publisher wrote those), else

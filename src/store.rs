@@ -43,6 +43,11 @@ pub struct Delivered {
     pub blinger_status: Option<String>,
     /// HTTP calls it took, across retries.
     pub attempts: u32,
+    /// Hex SHA-256 of what was sent (kind, conversation, payload: [`crate::job::Job::digest`]),
+    /// so a different job under the same id is told apart from a redelivery. Absent in records
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -522,6 +527,7 @@ mod tests {
             blinger_id: Some("m1".into()),
             blinger_status: Some("delivered".into()),
             attempts: 1,
+            digest: None,
         }
     }
 

@@ -23,14 +23,18 @@ pub enum DeadReason {
     Rejected,
     RetriesExhausted,
     Expired,
+    /// The job's id was already delivered as a different job (another kind, conversation or
+    /// payload): the publisher reused an id.
+    Conflict,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 4] = [
+    pub const ALL: [DeadReason; 5] = [
         DeadReason::Invalid,
         DeadReason::Rejected,
         DeadReason::RetriesExhausted,
         DeadReason::Expired,
+        DeadReason::Conflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +43,7 @@ impl DeadReason {
             DeadReason::Rejected => "rejected",
             DeadReason::RetriesExhausted => "retries-exhausted",
             DeadReason::Expired => "expired",
+            DeadReason::Conflict => "conflict",
         }
     }
 }

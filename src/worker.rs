@@ -33,6 +33,7 @@ use crate::ratelimit::Limiter;
 use crate::retry::RetryPolicy;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{Health, Metrics};
+use crate::trail::{TrailKey, TrailKeyError};
 
 /// Why the worker could not start. Each message names the setting to fix.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,8 @@ pub enum StartError {
     Amqp(#[from] AmqpError),
     #[error("{0}")]
     MetricsPort(std::io::Error),
+    #[error("BLINGER_WORKER_TRAIL_KEY: {0}")]
+    TrailKey(#[from] TrailKeyError),
 }
 
 /// How long a hand-back may take once the grace period is over: jobs mid-call get this long to
@@ -77,6 +80,7 @@ impl Worker {
             source: sled::Error::Io(e),
         })?;
         let store = Store::open(&settings.data_dir)?;
+        let trail_key = TrailKey::load(settings.trail_key.as_ref(), &settings.data_dir)?;
         store.check_writable().await?;
         let client = Client::new(&settings.api_url, &token, settings.request_timeout)?;
         let listener = crate::ops_http::bind(settings.metrics_addr)
@@ -109,6 +113,7 @@ impl Worker {
             metrics.clone(),
             health.clone(),
             stopping.clone(),
+            trail_key,
         );
         if settings.receipts {
             pipeline.receipts = Some(settings.amqp.receipts_exchange.clone());
@@ -284,6 +289,9 @@ async fn consume(
         publish: session.publish.clone(),
         alive: CancellationToken::new(),
         acks: Acks::new(session.consume.clone()),
+        header_budget: crate::amqp::outgoing::header_budget(
+            session.connection.configuration().frame_max(),
+        ),
     });
     let acker = link.clone();
     tokio::spawn(async move { acker.acks.run(acker.alive.clone()).await });

@@ -63,12 +63,12 @@ fn validator(schema: &Value) -> Validator {
 
 fn all_reasons() -> Vec<&'static str> {
     use DeadReason::*;
-    [Invalid, Rejected, RetriesExhausted, Expired]
+    [Invalid, Rejected, RetriesExhausted, Expired, Conflict]
         .into_iter()
         .map(|r| {
             // Exhaustive on purpose: a new reason must be added to the contract too.
             match r {
-                Invalid | Rejected | RetriesExhausted | Expired => r.as_str(),
+                Invalid | Rejected | RetriesExhausted | Expired | Conflict => r.as_str(),
             }
         })
         .collect()

@@ -136,6 +136,7 @@ async fn a_crash_between_answer_and_ack_does_not_send_twice() {
                     blinger_id: Some("m-before-crash".into()),
                     blinger_status: Some("delivered".into()),
                     attempts: 1,
+                    digest: None,
                 },
             )
             .await

@@ -837,6 +837,7 @@ fn delivered(at_ms: u64, blinger_id: &str) -> Delivered {
         blinger_id: Some(blinger_id.into()),
         blinger_status: Some("delivered".into()),
         attempts: 2,
+        digest: None,
     }
 }
 

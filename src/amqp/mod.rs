@@ -7,6 +7,7 @@
 //! duplicate job into a no-op.
 
 pub mod acks;
+pub mod outgoing;
 pub mod topology;
 
 use std::time::Duration;
@@ -97,17 +98,20 @@ impl Session {
     }
 }
 
-/// The largest AMQP frame the worker asks for, unless `AMQP_URL` sets `frame_max`. lapin keeps a
-/// buffer of 32 frames each way per connection: at RabbitMQ's default of 128 KiB that is 8 MiB of
-/// the worker's memory (measured in docs/performance.md), at 16 KiB it is 1 MiB. Jobs are a few
-/// hundred bytes; the largest allowed body (256 KiB) travels as 16 frames.
-pub const FRAME_MAX: u32 = 16 * 1024;
-
-/// `url` with [`FRAME_MAX`] asked for, unless it sets its own `frame_max`; `None` if it does not
+/// `url` asking for the broker's own `frame_max`, whatever the URL says; `None` if it does not
 /// parse (the connect then reports the error, without the password).
-fn with_frame_max(url: &str) -> Option<lapin::uri::AMQPUri> {
+///
+/// A message's properties (its headers) travel in one frame, which cannot be split, and the
+/// broker hands a consumer each message with the header frame its publisher sent: up to the
+/// broker's `frame_max` (128 KiB by default). A consumer that negotiated smaller frames takes
+/// such a frame as a protocol violation and lapin closes the whole connection, at every
+/// redelivery of that one message. So the worker always takes the broker's value. lapin keeps
+/// 32 frames of buffer each way per connection: at 128 KiB that is 8 MiB of address space, of
+/// which only what large messages touch becomes resident (measured in docs/performance.md).
+fn with_broker_frame_max(url: &str) -> Option<lapin::uri::AMQPUri> {
     let mut uri: lapin::uri::AMQPUri = url.parse().ok()?;
-    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    // 0: no limit of the client's own, so the broker's `frame_max` is what is negotiated.
+    uri.query.frame_max = None;
     Some(uri)
 }
 
@@ -116,7 +120,7 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
     let url = settings.url.expose();
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = async {
-        match with_frame_max(url) {
+        match with_broker_frame_max(url) {
             Some(uri) => Connection::connect_uri(uri, properties).await,
             None => Connection::connect(url, properties).await,
         }
@@ -190,19 +194,6 @@ pub async fn publish_confirmed_with(
     }
 }
 
-/// The original properties with `extra` headers set (replacing same-named ones) and persistence
-/// forced on: a republished job must survive a broker restart like the original.
-pub fn with_headers(
-    properties: &BasicProperties,
-    extra: impl IntoIterator<Item = (&'static str, AMQPValue)>,
-) -> BasicProperties {
-    let mut table = properties.headers().clone().unwrap_or_default();
-    for (key, value) in extra {
-        table.insert(key.into(), value);
-    }
-    properties.clone().with_headers(table).with_delivery_mode(2)
-}
-
 pub fn string_value(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
@@ -239,40 +230,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn asks_for_small_frames_unless_the_url_says_otherwise() {
-        let uri = with_frame_max("amqp://u:p@host:5672/%2f").unwrap();
-        assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
+    fn always_takes_the_brokers_frame_size() {
+        let uri = with_broker_frame_max("amqp://u:p@host:5672/%2f").unwrap();
+        assert_eq!(uri.query.frame_max, None);
         assert_eq!(uri.authority.userinfo.password, "p");
-        let uri = with_frame_max("amqp://u:p@host:5672/%2f?frame_max=131072&heartbeat=5").unwrap();
-        assert_eq!(uri.query.frame_max, Some(131_072));
+        let uri =
+            with_broker_frame_max("amqp://u:p@host:5672/%2f?frame_max=16384&heartbeat=5").unwrap();
+        assert_eq!(uri.query.frame_max, None);
         assert_eq!(uri.query.heartbeat, Some(5));
-        assert!(with_frame_max("http://nope").is_none());
+        assert!(with_broker_frame_max("http://nope").is_none());
     }
 
     #[test]
-    fn headers_round_trip_and_force_persistence() {
-        let original = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_timestamp(1_700_000_000);
-        let props = with_headers(
-            &original,
-            [
-                (headers::ATTEMPTS, AMQPValue::LongLongInt(3)),
-                (headers::REASON, string_value("invalid")),
-            ],
-        );
-        assert_eq!(header_u64(&props, headers::ATTEMPTS), Some(3));
-        assert_eq!(
-            header_string(&props, headers::REASON).as_deref(),
-            Some("invalid")
-        );
-        assert_eq!(*props.delivery_mode(), Some(2));
-        assert_eq!(*props.timestamp(), Some(1_700_000_000));
-        let again = with_headers(&props, [(headers::ATTEMPTS, AMQPValue::LongInt(4))]);
-        assert_eq!(header_u64(&again, headers::ATTEMPTS), Some(4));
-        assert_eq!(
-            header_string(&again, headers::REASON).as_deref(),
-            Some("invalid")
-        );
+    fn integer_headers_read_whatever_the_type() {
+        let mut t = FieldTable::default();
+        t.insert("a".into(), AMQPValue::LongInt(3));
+        t.insert("b".into(), AMQPValue::ShortShortUInt(4));
+        t.insert("c".into(), string_value("5"));
+        t.insert("d".into(), AMQPValue::LongLongInt(-1));
+        t.insert("e".into(), string_value("invalid"));
+        let props = BasicProperties::default().with_headers(t);
+        assert_eq!(header_u64(&props, "a"), Some(3));
+        assert_eq!(header_u64(&props, "b"), Some(4));
+        assert_eq!(header_u64(&props, "c"), Some(5));
+        assert_eq!(header_u64(&props, "d"), None);
+        assert_eq!(header_string(&props, "e").as_deref(), Some("invalid"));
+        assert_eq!(header_u64(&props, "missing"), None);
     }
 }

@@ -359,27 +359,12 @@ fn replay_routing_key(kind: Option<&str>, delivery: &Delivery) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Headers that describe the message's past in the worker or the broker, not the job: a replay
-/// drops them so the job starts over.
-fn is_bookkeeping(name: &str) -> bool {
-    name.starts_with("x-blinger-")
-        || name == "x-death"
-        || name.starts_with("x-first-death-")
-        || name.starts_with("x-last-death-")
-        || name == "x-delivery-count"
-}
-
-/// The original properties without the bookkeeping headers, persistent.
+/// The dead letter's properties as a fresh publish: the allowlist of every republish
+/// ([`amqp::outgoing`]), which drops the worker's and the broker's bookkeeping (`x-blinger-*`,
+/// `x-death`, ...) so the job starts over, and never carries `CC`/`BCC`, `expiration` or
+/// `user_id`.
 pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
-    let mut kept = FieldTable::default();
-    if let Some(headers) = props.headers() {
-        for (name, value) in headers.inner() {
-            if !is_bookkeeping(name.as_str()) {
-                kept.insert(name.clone(), value.clone());
-            }
-        }
-    }
-    props.clone().with_headers(kept).with_delivery_mode(2)
+    amqp::outgoing::outgoing(props, [], amqp::outgoing::DEFAULT_HEADER_BUDGET)
 }
 
 /// What a replay selects.
