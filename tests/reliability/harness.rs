@@ -48,6 +48,9 @@ pub use common::Names;
 pub struct Msg {
     pub routing_key: String,
     pub body: Vec<u8>,
+    /// Properties to publish with instead of the defaults (persistent JSON); the timestamp is
+    /// set either way.
+    pub properties: Option<BasicProperties>,
 }
 
 /// A dead-lettered message.
@@ -145,9 +148,14 @@ impl Publisher {
             .as_secs();
         let mut confirms = Vec::with_capacity(msgs.len());
         for m in msgs {
-            let props = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2)
+            let props = m
+                .properties
+                .clone()
+                .unwrap_or_else(|| {
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                })
                 .with_timestamp(now);
             let confirm = channel
                 .basic_publish(
@@ -381,6 +389,28 @@ impl World {
             .map(|q| q.message_count());
         let _ = ch.close(200, "ok".into()).await;
         r
+    }
+
+    /// Declares a classic queue outside the worker's topology (a target a hostile message may
+    /// try to reach); deleted by [`World::delete_queue`].
+    pub async fn declare_queue(&self, queue: &str) {
+        let ch = self.inspect_channel().await;
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue declared");
+        let _ = ch.close(200, "ok".into()).await;
+    }
+
+    pub async fn delete_queue(&self, queue: &str) {
+        let ch = self.inspect_channel().await;
+        let _ = ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = ch.close(200, "ok".into()).await;
     }
 
     /// Ready messages in the work queue and every delay tier.

@@ -115,6 +115,7 @@ impl Plan {
             .map(|j| Msg {
                 routing_key: j.kind.as_str().to_owned(),
                 body: j.body.clone(),
+                properties: None,
             })
             .collect()
     }

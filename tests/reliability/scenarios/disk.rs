@@ -309,6 +309,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
             taken.push(Msg {
                 routing_key: "send-text".into(),
                 body: m.body,
+                properties: None,
             });
         }
     }

@@ -1,6 +1,10 @@
 //! Scenario 5, Hostile input: thousands of malformed, huge, non-UTF-8, deeply nested and wrong-typed
-//! bodies interleaved with valid jobs. The worker must stay up, dead-letter each bad body once
-//! with reason `invalid` (original body kept), and deliver each valid job.
+//! bodies interleaved with valid jobs, and on bad bodies and valid jobs alike hostile properties
+//! and headers (`CC`/`BCC` naming the work queue and another queue, a short `expiration`, forged
+//! `x-blinger-*` headers, headers of 20 and 100 KiB, `priority`, `reply_to`). The worker must stay
+//! up and never lose its connection (every message received exactly once), dead-letter each bad
+//! body once with reason `invalid` (original body kept, the dead letter staying), deliver each
+//! valid job once and in order, and copy nothing into any other queue.
 //!
 //! (The decoder's fuzz target is `fuzz/fuzz_targets/decode.rs`; its corpus also runs as a plain
 //! test in `tests/fuzz_corpus.rs`.)
@@ -9,6 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use blinger_worker::job::Kind;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -126,6 +132,59 @@ pub fn bad_body(i: usize, rng: &mut StdRng) -> (String, Vec<u8>) {
     (routing_key, body)
 }
 
+/// Number of kinds of hostile properties [`hostile_properties`] makes (one of them: none).
+pub const PROPERTY_KINDS: usize = 8;
+
+/// Hostile properties number `i`, or `None` (the defaults). `work_queue` and `side_queue` are
+/// what `CC`/`BCC` name; `valid` jobs get a TTL long enough not to expire while queued.
+pub fn hostile_properties(
+    i: usize,
+    work_queue: &str,
+    side_queue: &str,
+    valid: bool,
+) -> Option<BasicProperties> {
+    let ls = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    let mut h = FieldTable::default();
+    let mut p = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    match i % PROPERTY_KINDS {
+        0 => {
+            let to = |qs: &[&str]| {
+                AMQPValue::FieldArray(FieldArray::from(
+                    qs.iter().map(|q| ls(q)).collect::<Vec<_>>(),
+                ))
+            };
+            h.insert("CC".into(), to(&[work_queue, side_queue]));
+            h.insert("BCC".into(), to(&[side_queue]));
+        }
+        1 => p = p.with_expiration(if valid { "600000" } else { "2000" }.into()),
+        2 => {
+            h.insert("x-blinger-retries".into(), AMQPValue::LongLongInt(99));
+            h.insert("x-blinger-attempts".into(), ls(&u64::MAX.to_string()));
+            h.insert("x-blinger-chain".into(), AMQPValue::LongLongInt(1));
+            h.insert("x-blinger-reason".into(), ls("rejected"));
+            h.insert("x-blinger-status".into(), AMQPValue::LongInt(503));
+            h.insert("x-blinger-trail".into(), ls(&"0".repeat(32)));
+        }
+        3 => {
+            h.insert("padding".into(), ls(&"p".repeat(20 * 1024)));
+        }
+        // 100 KiB of headers: a few of them, they are big.
+        4 if i % (PROPERTY_KINDS * 10) == 4 => {
+            h.insert("padding".into(), ls(&"q".repeat(100 * 1024)));
+        }
+        5 => {
+            p = p
+                .with_priority(9)
+                .with_reply_to("replies.hostile".into())
+                .with_type("hostile".into());
+        }
+        _ => return None,
+    }
+    Some(p.with_headers(h))
+}
+
 pub async fn run(ctx: &Ctx) -> Figures {
     let started = Instant::now();
     let bad_n = ctx.pick(1_000, 5_000);
@@ -133,8 +192,13 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let mut f = Figures::new("5 hostile input", ctx);
     f.setup = format!(
         "{bad_n} bad bodies ({CATEGORIES} kinds: not JSON, not UTF-8, over 256 KiB, nested \
-         5000 deep, not objects, wrong types, invalid values) shuffled among {valid_n} valid jobs"
+         5000 deep, not objects, wrong types, invalid values) shuffled among {valid_n} valid jobs; \
+         on both, {} kinds of hostile properties (CC/BCC to the work queue and another queue, \
+         expiration, forged x-blinger-* headers, 20 and 100 KiB headers, priority/reply-to)",
+        PROPERTY_KINDS - 2
     );
+    let mut world = World::new(ctx, "hostile", "1s,2s,4s").await;
+    let side_queue = format!("{}.side", world.names.queue);
     let mut rng = StdRng::seed_from_u64(ctx.seed ^ 0xBAD);
     let mut bad: Vec<Msg> = Vec::new();
     for i in 0..bad_n {
@@ -143,14 +207,21 @@ pub async fn run(ctx: &Ctx) -> Figures {
             blinger_worker::job::decode(&body, LIMIT).is_err(),
             "generator bug: bad body {i} decodes"
         );
-        bad.push(Msg { routing_key, body });
+        bad.push(Msg {
+            routing_key,
+            body,
+            properties: hostile_properties(i / 3, &world.names.queue, &side_queue, false),
+        });
     }
     let plan = Plan::mixed(valid_n, 50, "conv-", ctx.seed);
     // Bad bodies in random order, merged at random places with the valid jobs, which keep their
     // order (per-conversation order is checked).
     let mut shuffled_bad = bad.clone();
     shuffled_bad.shuffle(&mut rng);
-    let valid = plan.messages();
+    let mut valid = plan.messages();
+    for (i, m) in valid.iter_mut().enumerate() {
+        m.properties = hostile_properties(i / 2, &world.names.queue, &side_queue, true);
+    }
     let mut all: Vec<Msg> = Vec::with_capacity(bad_n + valid_n);
     let (mut b, mut v) = (
         shuffled_bad.into_iter().peekable(),
@@ -166,8 +237,8 @@ pub async fn run(ctx: &Ctx) -> Figures {
         }
     }
 
-    let mut world = World::new(ctx, "hostile", "1s,2s,4s").await;
     world.declare().await;
+    world.declare_queue(&side_queue).await;
     let mut worker = world.start_worker(&[("BLINGER_WORKER_RATE_LIMIT", "1000")]);
     let pid = worker.pid;
     worker.wait_ready(Duration::from_secs(60)).await;
@@ -196,9 +267,13 @@ pub async fn run(ctx: &Ctx) -> Figures {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A dead letter that expires is gone within seconds; a republish loop shows as a growing DLQ.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let alive = worker.alive();
     let healthz = worker.get_text("/healthz").await;
     let metrics = worker.metrics().await.unwrap_or_default();
+    let side_copies = world.ready(&side_queue).await.unwrap_or(0);
+    let received = metric_sum(&metrics, "blinger_worker_jobs_received_total", &[]);
     let (exit, _) = worker.stop(Duration::from_secs(60)).await;
     let out = conclude(&world, &plan, &[]).await;
     let a = &out.analysis;
@@ -326,10 +401,21 @@ pub async fn run(ctx: &Ctx) -> Figures {
     );
     f.check("queues empty at the end", out.backlog == 0, out.backlog);
     f.check(
+        "no copy in any other queue (CC/BCC)",
+        side_copies == 0,
+        side_copies,
+    );
+    f.check(
+        "every message received once (no lost connection, no redelivery)",
+        received as usize == bad_n + valid_n,
+        format!("{received} received of {} published", bad_n + valid_n),
+    );
+    f.check(
         "exit 0",
         exit.is_some_and(|s| s.success()),
         format!("{exit:?}"),
     );
+    world.delete_queue(&side_queue).await;
     world.cleanup().await;
     f.set_elapsed(started.elapsed());
     f

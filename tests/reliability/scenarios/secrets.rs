@@ -58,6 +58,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
             routing_key: "send-text".into(),
             body: format!("{{\"kind\":\"send-text\",\"id\":\"nope\",\"text\":\"{prefix}\"}}")
                 .into_bytes(),
+            properties: None,
         });
         m
     };
