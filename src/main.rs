@@ -60,9 +60,20 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // lapin starts its reader thread with the default stack size, which RUST_MIN_STACK sets.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe {
+            std::env::set_var(
+                "RUST_MIN_STACK",
+                blinger_worker::amqp::DECODER_STACK_BYTES.to_string(),
+            )
+        };
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(blinger_worker::amqp::DECODER_STACK_BYTES)
         .build()
     {
         Ok(rt) => rt,

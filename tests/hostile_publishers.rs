@@ -178,14 +178,24 @@ async fn a_dead_letter_outlives_the_publishers_ttl() {
     let env = TestEnv::new("httl").await;
     let worker = env.start_worker(&[]).await;
     normal_jobs(&env, "c-ttl", 0..2).await;
-    let p = job_props(FieldTable::default()).with_expiration("1500".into());
+    // The worker consumes: the TTL cannot run out while the job waits in the work queue (there,
+    // the broker would expire it, by the publisher's wish).
+    assert!(
+        eventually(Duration::from_secs(10), || accepted_texts(&env, "c-ttl")
+            .len()
+            == 2)
+        .await
+    );
+    let p = job_props(FieldTable::default()).with_expiration("3000".into());
     publish_with(&env, "send-text", b"{\"kind\":\"send-text\"}", p).await;
     normal_jobs(&env, "c-ttl", 2..4).await;
-    // `settled` reads the dead-letter queue more than 3 s after the dead letter was written.
+    assert!(eventually(Duration::from_secs(10), || env_dead(&env) == 1).await);
+    // Past the TTL; `settled` reads the dead-letter queue 3 s later again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     settled(&env, &worker, "c-ttl", 4, 5, 1).await;
     let dl = env.dead_letters(1, Duration::from_secs(5)).await;
     assert_eq!(dl[0].header("x-blinger-reason"), "invalid");
-    assert_eq!(dl[0].header("x-blinger-original-expiration"), "1500");
+    assert_eq!(dl[0].header("x-blinger-original-expiration"), "3000");
     worker.stop().await;
     env.cleanup().await;
 }
@@ -476,5 +486,189 @@ async fn a_reused_id_with_another_payload_is_a_conflict() {
     assert_eq!(got[1].1["blinger_message_id"], serde_json::Value::Null);
     assert_eq!(accepted_texts(&env, "c-conflict"), ["the real message"]);
     worker.stop().await;
+    env.cleanup().await;
+}
+
+/// Publishes one message with a raw AMQP 0-9-1 client, so that its header table can be what no
+/// client library would encode (lapin's encoder recurses, and overflows its own stack on it):
+/// `headers` is the encoded field table, as it goes on the wire.
+async fn publish_raw_frames(url: &str, exchange: &str, key: &str, body: &[u8], headers: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let u = url::Url::parse(url).unwrap();
+    let mut s = tokio::net::TcpStream::connect(amqp_socket(url))
+        .await
+        .unwrap();
+    let short = |v: &mut Vec<u8>, t: &str| {
+        v.push(t.len() as u8);
+        v.extend_from_slice(t.as_bytes());
+    };
+    let long = |v: &mut Vec<u8>, t: &[u8]| {
+        v.extend_from_slice(&(t.len() as u32).to_be_bytes());
+        v.extend_from_slice(t);
+    };
+    async fn frame(s: &mut tokio::net::TcpStream, kind: u8, ch: u16, payload: &[u8]) {
+        let mut f = vec![kind];
+        f.extend_from_slice(&ch.to_be_bytes());
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        f.push(0xCE);
+        s.write_all(&f).await.unwrap();
+    }
+    async fn method(s: &mut tokio::net::TcpStream, ch: u16, class: u16, m: u16, args: &[u8]) {
+        let mut p = class.to_be_bytes().to_vec();
+        p.extend_from_slice(&m.to_be_bytes());
+        p.extend_from_slice(args);
+        frame(s, 1, ch, &p).await;
+    }
+    /// Reads frames until a method frame of (class, method).
+    async fn expect(s: &mut tokio::net::TcpStream, class: u16, m: u16) {
+        loop {
+            let mut head = [0u8; 7];
+            s.read_exact(&mut head).await.unwrap();
+            let size = u32::from_be_bytes(head[3..7].try_into().unwrap()) as usize;
+            let mut payload = vec![0u8; size + 1];
+            s.read_exact(&mut payload).await.unwrap();
+            if head[0] == 1 {
+                let c = u16::from_be_bytes([payload[0], payload[1]]);
+                let mm = u16::from_be_bytes([payload[2], payload[3]]);
+                assert!(!(c == 10 && mm == 50), "connection closed by the broker");
+                assert!(!(c == 20 && mm == 40), "channel closed by the broker");
+                if (c, mm) == (class, m) {
+                    return;
+                }
+            }
+        }
+    }
+    s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+    expect(&mut s, 10, 10).await; // connection.start
+    let mut a = Vec::new();
+    a.extend_from_slice(&0u32.to_be_bytes()); // client properties: empty table
+    short(&mut a, "PLAIN");
+    long(
+        &mut a,
+        format!("\0{}\0{}", u.username(), u.password().unwrap_or("")).as_bytes(),
+    );
+    short(&mut a, "en_US");
+    method(&mut s, 0, 10, 11, &a).await;
+    expect(&mut s, 10, 30).await; // connection.tune
+    let mut a = 16u16.to_be_bytes().to_vec();
+    a.extend_from_slice(&131_072u32.to_be_bytes());
+    a.extend_from_slice(&0u16.to_be_bytes());
+    method(&mut s, 0, 10, 31, &a).await;
+    let vhost = percent_encoding::percent_decode_str(u.path().trim_start_matches('/'))
+        .decode_utf8_lossy()
+        .into_owned();
+    let mut a = Vec::new();
+    short(&mut a, if vhost.is_empty() { "/" } else { &vhost });
+    a.extend_from_slice(&[0, 0]);
+    method(&mut s, 0, 10, 40, &a).await;
+    expect(&mut s, 10, 41).await;
+    method(&mut s, 1, 20, 10, &[0]).await;
+    expect(&mut s, 20, 11).await;
+    method(&mut s, 1, 85, 10, &[0]).await; // confirm.select
+    expect(&mut s, 85, 11).await;
+    let mut a = 0u16.to_be_bytes().to_vec();
+    short(&mut a, exchange);
+    short(&mut a, key);
+    a.push(0);
+    method(&mut s, 1, 60, 40, &a).await;
+    let mut h = 60u16.to_be_bytes().to_vec();
+    h.extend_from_slice(&0u16.to_be_bytes());
+    h.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    // content-type, headers, delivery-mode
+    h.extend_from_slice(&(0x8000u16 | 0x2000 | 0x1000).to_be_bytes());
+    short(&mut h, "application/json");
+    h.extend_from_slice(headers);
+    h.push(2);
+    frame(&mut s, 2, 1, &h).await;
+    frame(&mut s, 3, 1, body).await;
+    expect(&mut s, 60, 80).await; // basic.ack: the broker took it
+}
+
+/// A field table `{"deep": [[[...["leaf"]...]]]}` nested `depth` arrays deep, encoded.
+fn deep_table(depth: usize) -> Vec<u8> {
+    let leaf = {
+        let mut v = vec![b'S'];
+        v.extend_from_slice(&4u32.to_be_bytes());
+        v.extend_from_slice(b"leaf");
+        v
+    };
+    let mut value = leaf;
+    for _ in 0..depth {
+        let mut v = vec![b'A'];
+        v.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        v.extend_from_slice(&value);
+        value = v;
+    }
+    let mut entry = vec![4u8];
+    entry.extend_from_slice(b"deep");
+    entry.extend_from_slice(&value);
+    let mut t = (entry.len() as u32).to_be_bytes().to_vec();
+    t.extend_from_slice(&entry);
+    t
+}
+
+/// A header nested as deep as a frame allows (RabbitMQ accepts it: its parser does not recurse
+/// on a bounded stack), on a valid job and on an invalid one: the worker binary must settle both
+/// without losing its connection or its process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_header_costs_nothing() {
+    let env = TestEnv::new("hdeep").await;
+    env.declare().await;
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_blinger-worker"))
+        .arg("run")
+        .env_remove("RUST_MIN_STACK")
+        .env("AMQP_URL", &env.broker.url)
+        .env("BLINGER_WORKER_EXCHANGE", &env.names.exchange)
+        .env("BLINGER_WORKER_QUEUE", &env.names.queue)
+        .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &env.names.dead)
+        .env("BLINGER_WORKER_RECEIPTS_EXCHANGE", &env.names.events)
+        .env("BLINGER_WORKER_RETRY_DELAYS", "1s,2s")
+        .env("BLINGER_API_URL", env.sandbox.base_url())
+        .env("BLINGER_API_TOKEN", TOKEN)
+        .env("BLINGER_WORKER_DATA_DIR", env.data_dir.path())
+        .env("BLINGER_WORKER_METRICS_ADDR", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(env.data_dir.path().join("worker.log")).unwrap())
+        .spawn()
+        .expect("worker binary starts");
+    normal_jobs(&env, "c-deep", 0..2).await;
+    // 26,000 arrays: as deep as a 128 KiB frame allows.
+    let headers = deep_table(26_000);
+    let job = text_job("c-deep-nested", "nested headers");
+    let url = env.broker.url.clone();
+    publish_raw_frames(
+        &url,
+        &env.names.exchange,
+        "send-text",
+        job.to_string().as_bytes(),
+        &headers,
+    )
+    .await;
+    publish_raw_frames(
+        &url,
+        &env.names.exchange,
+        "send-text",
+        b"not a job",
+        &headers,
+    )
+    .await;
+    normal_jobs(&env, "c-deep", 2..4).await;
+    let delivered =
+        || accepted_texts(&env, "c-deep").len() + accepted_texts(&env, "c-deep-nested").len();
+    let all = eventually(Duration::from_secs(90), || delivered() == 5).await;
+    let alive = worker.try_wait().unwrap().is_none();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let log = std::fs::read_to_string(env.data_dir.path().join("worker.log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+    assert!(alive, "the worker process died: {tail:?}");
+    assert!(all, "delivered {} of 5: {tail:?}", delivered());
+    assert_eq!(accepted_texts(&env, "c-deep"), ["0", "1", "2", "3"]);
+    assert_eq!(accepted_texts(&env, "c-deep-nested"), ["nested headers"]);
+    let dl = env.dead_letters(1, Duration::from_secs(10)).await;
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].header("x-blinger-reason"), "invalid");
+    assert_eq!(dl[0].header("x-blinger-original-headers-dropped"), "1");
     env.cleanup().await;
 }
