@@ -434,6 +434,41 @@ mod tests {
     }
 
     #[test]
+    fn the_digest_is_what_is_sent_not_how_it_is_spelled() {
+        let digest = |body: &str| decode(body.as_bytes(), LIMIT).unwrap().digest();
+        let base = digest(&format!(
+            r#"{{"kind":"send-text","id":"{ID}","conversation_id":"c","text":"Hello"}}"#
+        ));
+        // Same job: other field order, whitespace, an unknown field, an expiry.
+        assert_eq!(
+            base,
+            digest(&format!(
+                r#"{{ "text":"Hello", "conversation_id":"c", "x":1, "id":"{ID}", "kind":"send-text", "expires_at":"2099-01-01T00:00:00Z" }}"#
+            ))
+        );
+        // Another job under the same id.
+        for other in [
+            format!(r#"{{"kind":"send-text","id":"{ID}","conversation_id":"c","text":"Hello!"}}"#),
+            format!(r#"{{"kind":"send-text","id":"{ID}","conversation_id":"d","text":"Hello"}}"#),
+            format!(
+                r#"{{"kind":"assign-agent","id":"{ID}","conversation_id":"c","agent_id":"Hello"}}"#
+            ),
+            format!(r#"{{"kind":"request-review","id":"{ID}","conversation_id":"c"}}"#),
+        ] {
+            assert_ne!(base, digest(&other), "{other}");
+        }
+        // Length prefixes: moving bytes between fields changes the digest.
+        assert_ne!(
+            digest(&format!(
+                r#"{{"kind":"send-text","id":"{ID}","conversation_id":"ab","text":"c"}}"#
+            )),
+            digest(&format!(
+                r#"{{"kind":"send-text","id":"{ID}","conversation_id":"a","text":"bc"}}"#
+            ))
+        );
+    }
+
+    #[test]
     fn decodes_the_contract_example() {
         let job = decode(
             br#"{"kind":"send-text","id":"554f11c1-ec1e-4fdb-9953-bfad33013f58","conversation_id":"e1d247c8-5cd8-4f93-b9d7-15fd3259ac22","text":"Hello"}"#,

@@ -672,3 +672,29 @@ async fn a_deeply_nested_header_costs_nothing() {
     assert_eq!(dl[0].header("x-blinger-original-headers-dropped"), "1");
     env.cleanup().await;
 }
+
+/// A body far over the limit (2 MiB; the broker accepts up to its `max_message_size`): dead-
+/// lettered once as `invalid` with the size in its error, the connection kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_far_over_the_limit_is_dead_lettered_once() {
+    let env = TestEnv::new("hbig").await;
+    let worker = env.start_worker(&[]).await;
+    normal_jobs(&env, "c-big", 0..2).await;
+    let mut huge = text_job("c-big", "huge");
+    huge["text"] = json!("x".repeat(2 * 1024 * 1024));
+    env.publish(&huge).await;
+    normal_jobs(&env, "c-big", 2..4).await;
+    settled(&env, &worker, "c-big", 4, 5, 1).await;
+    let dl = env.dead_letters(1, Duration::from_secs(5)).await;
+    assert_eq!(dl[0].header("x-blinger-reason"), "invalid");
+    assert!(
+        dl[0]
+            .header("x-blinger-error")
+            .contains("over the 262144-byte limit"),
+        "{}",
+        dl[0].header("x-blinger-error")
+    );
+    assert_eq!(dl[0].body.len(), huge.to_string().len(), "body kept whole");
+    worker.stop().await;
+    env.cleanup().await;
+}
