@@ -1,4 +1,5 @@
-//! The operations port: `GET /metrics` (Prometheus text), `GET /healthz` (the process is alive),
+//! The operations port: `GET /metrics` (Prometheus text), `GET /healthz` (the process is alive:
+//! 503 when it is stuck, paused on 401/403 with jobs waiting and none probing for 2 minutes),
 //! `GET /readyz` (broker channel open, store writable, not paused by 401/403; 503 with the reason
 //! otherwise), and read-only views of the store, `GET /store/stats` and `GET /store/{uuid}`: the
 //! store is locked by the running worker, so `blinger-worker store get` asks here instead. They
@@ -46,7 +47,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .route("/store/stats", get(store_stats))
         .route("/store/{id}", get(store_get))
@@ -68,6 +69,17 @@ async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
         )],
         ops.metrics.render(),
     )
+}
+
+/// 200 unless the worker is stuck in a state it cannot leave (then Kubernetes restarts it).
+async fn live(State(ops): State<Ops>) -> impl IntoResponse {
+    match ops.health.not_live_reason(tokio::time::Instant::now()) {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not live: {reason}\n"),
+        ),
+    }
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {

@@ -43,7 +43,7 @@ use crate::config::TokenSource;
 use crate::failure::{Class, Failure};
 use crate::job::{InvalidJob, Job, Kind};
 use crate::order::{Chains, Route};
-use crate::pause::PauseGate;
+use crate::pause::{Pass, PauseGate, Probe};
 use crate::ratelimit::Limiter;
 use crate::receipts::{self, Receipt};
 use crate::retry::{Next, RetryPolicy};
@@ -287,25 +287,37 @@ impl Pipeline {
         let kind = job.kind();
         let mut trail = work.trail;
         let mut round = self.policy.round(trail.retries);
-        let mut probe = None;
+        let ticket = self.gate.ticket();
+        // Held while this job probes a pause; dropped (another job takes over) however it leaves.
+        let mut probe: Option<Probe<'_>> = None;
+        // The call of this job's last 403 (see `PauseGate::accepted_since`).
+        let mut refused_at: Option<u64> = None;
         loop {
-            match &mut probe {
-                None => {
-                    if self.gate.is_paused() {
-                        // The prober may need this permit to end the pause.
-                        keyless = None;
-                    }
-                    if !self.gate.wait_open(&self.stopping).await {
-                        return Outcome::HandedBack;
-                    }
+            if probe.is_none() {
+                if self.gate.is_paused() {
+                    // The prober may need this permit to end the pause.
+                    keyless = None;
                 }
-                Some(p) => {
-                    let p: &mut crate::pause::Probe<'_> = p;
-                    if !self.sleep_unless(&self.stopping, p.next_delay()).await {
-                        return Outcome::HandedBack;
-                    }
-                    self.reload_token();
+                // A job held by a pause still expires on time (and leaves the gate).
+                let pass = tokio::select! {
+                    biased;
+                    pass = self.gate.admit(ticket, &self.stopping) => pass,
+                    _ = until_expiry(job) => Pass::Open,
+                };
+                match pass {
+                    Pass::Open => {}
+                    Pass::Probe(p) => probe = Some(p),
+                    Pass::Stopped => return Outcome::HandedBack,
                 }
+            }
+            if let Some(p) = &probe {
+                tokio::select! {
+                    biased;
+                    _ = self.stopping.cancelled() => return Outcome::HandedBack,
+                    _ = tokio::time::sleep(p.delay()) => {}
+                    _ = until_expiry(job) => {}
+                }
+                self.reload_token();
             }
             if job.is_expired(time::OffsetDateTime::now_utc()) {
                 return self
@@ -335,6 +347,7 @@ impl Pipeline {
             }
             trail.add_attempt();
             let started = Instant::now();
+            let call = self.gate.begin_call();
             let result = self.client.send(job).await;
             self.metrics
                 .api_request_duration
@@ -351,9 +364,11 @@ impl Pipeline {
 
             let failure = match result {
                 Ok(accepted) => {
+                    self.gate.record_accepted(call);
                     if self.gate.resume() {
                         info!("Blinger accepts the API token again; resuming");
                     }
+                    drop(probe);
                     return self
                         .record_and_ack(work, job, accepted, trail.attempts, keyless.take())
                         .await;
@@ -362,11 +377,37 @@ impl Pipeline {
             };
             // Not accepted: nothing to record, and a backoff must not hold the permit.
             keyless = None;
-            if failure.class != Class::Auth && failure.status.is_some() && self.gate.resume() {
-                info!("Blinger accepts the API token again; resuming");
+            if failure.class != Class::Auth && failure.status.is_some() {
+                // An answer that is not 401/403: the token works. The probe steps down and the
+                // job goes on with its own retry round.
+                if self.gate.resume() {
+                    info!("Blinger accepts the API token again; resuming");
+                }
+                probe = None;
             }
             match failure.class {
                 Class::Auth => {
+                    // A 403 again, after other jobs were accepted since this job's last one: the
+                    // token works, this job is forbidden (a conversation of another account).
+                    if failure.status == Some(403) {
+                        if refused_at.is_some_and(|at| self.gate.accepted_since(at)) {
+                            drop(probe);
+                            return self
+                                .dead_letter(
+                                    work,
+                                    DeadReason::Rejected,
+                                    &format!(
+                                        "{} (403 for this job while Blinger accepted other \
+                                         jobs: forbidden, not a token problem)",
+                                        failure.detail
+                                    ),
+                                    failure.status,
+                                    trail.attempts.into(),
+                                )
+                                .await;
+                        }
+                        refused_at = Some(call);
+                    }
                     if self.gate.pause() {
                         error!(
                             status = failure.status,
@@ -375,8 +416,9 @@ impl Pipeline {
                              BLINGER_API_TOKEN_FILE)"
                         );
                     }
-                    if probe.is_none() {
-                        probe = self.gate.try_probe();
+                    // Refused again: another held job (another conversation) probes next.
+                    if let Some(p) = probe.take() {
+                        p.rotate();
                     }
                 }
                 Class::Permanent => {
@@ -735,6 +777,17 @@ async fn on_session<T>(work: &Work, operation: impl Future<Output = T>) -> Optio
         biased;
         _ = work.session.alive.cancelled() => None,
         result = tokio::time::timeout(BROKER_TIMEOUT, operation) => result.ok(),
+    }
+}
+
+/// Resolves when the job's `expires_at` passes; never for a job without one.
+async fn until_expiry(job: &Job) {
+    match job.expires_at {
+        Some(at) => {
+            let left = at - time::OffsetDateTime::now_utc();
+            tokio::time::sleep(left.try_into().unwrap_or(Duration::ZERO)).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -251,7 +251,14 @@ pub struct Health {
     amqp: AtomicBool,
     store: AtomicBool,
     paused: AtomicBool,
+    /// Since when the worker is paused with jobs waiting and none probing (see `pause`).
+    unprobed_since: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long the worker may stay paused with jobs waiting and no probe before `/healthz` fails, so
+/// that Kubernetes restarts it. The pause state machine never leaves it so for more than an
+/// instant; this is the net under it.
+pub const UNPROBED_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Health {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Health> {
@@ -260,7 +267,19 @@ impl Health {
             amqp: AtomicBool::new(false),
             store: AtomicBool::new(true),
             paused: AtomicBool::new(false),
+            unprobed_since: std::sync::Mutex::new(None),
         })
+    }
+
+    pub fn set_unprobed_since(&self, since: Option<tokio::time::Instant>) {
+        *self.unprobed_since.lock().expect("health lock") = since;
+    }
+
+    /// Why the worker is not alive (stuck: restart it), or `None` when it is.
+    pub fn not_live_reason(&self, now: tokio::time::Instant) -> Option<&'static str> {
+        let since = (*self.unprobed_since.lock().expect("health lock"))?;
+        (now.saturating_duration_since(since) > UNPROBED_LIMIT)
+            .then_some("paused on 401/403 with jobs waiting and none probing")
     }
 
     pub fn set_amqp_connected(&self, up: bool) {

@@ -66,6 +66,9 @@ struct Args {
     /// Answer HTTP 200 with this envelope status.
     #[arg(long, value_parser = clap::value_parser!(u16).range(100..=599))]
     body_status_override: Option<u16>,
+    /// Answer 403 to the requests for this conversation (repeat for more).
+    #[arg(long = "forbidden-conversation")]
+    forbidden_conversations: Vec<String>,
     /// Seed of the random choices, for reproducible runs.
     #[arg(long)]
     seed: Option<u64>,
@@ -97,6 +100,7 @@ impl Args {
             down: self.down,
             status_override: self.status_override,
             body_status_override: self.body_status_override,
+            forbidden_conversations: self.forbidden_conversations.clone(),
             seed: self.seed,
             max_records: self.max_records,
         }

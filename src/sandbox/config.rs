@@ -39,6 +39,9 @@ pub struct SandboxConfig {
     /// Answer HTTP 200 but with this envelope `status` (and `data: null` unless it is 2xx), to
     /// check that the client treats a 2xx whose body status is not 2xx as a failure.
     pub body_status_override: Option<u16>,
+    /// Conversations whose valid, authorised requests are answered 403 (the token is fine, the
+    /// conversation belongs to another account), after the random injections.
+    pub forbidden_conversations: Vec<String>,
     /// Seed of the random choices (jitter, injected failures); `None` seeds from the OS.
     pub seed: Option<u64>,
     /// How many requests are kept in memory (oldest dropped first); the JSONL file keeps all.
@@ -59,6 +62,7 @@ impl Default for SandboxConfig {
             down: false,
             status_override: None,
             body_status_override: None,
+            forbidden_conversations: Vec::new(),
             seed: None,
             max_records: 1_000_000,
         }

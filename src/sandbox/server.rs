@@ -4,7 +4,7 @@
 //! Order of checks for an API request, chosen so that each switch is deterministic to test:
 //! `down` (503 at once) → latency → path and method (404) → `Authorization` (401) → content
 //! type, JSON and fields (400/413/422) → random injections (429, 5xx, stall) → `status_override`
-//! → `body_status_override` → delivery (idempotent on the message uuid).
+//! → `forbidden_conversations` → `body_status_override` → delivery (idempotent on the message uuid).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -622,6 +622,13 @@ async fn handle(
         }
     }
 
+    if config.forbidden_conversations.contains(&conversation_id) {
+        return finish(
+            rec,
+            Outcome::InjectedError,
+            plain_status(StatusCode::FORBIDDEN),
+        );
+    }
     let mut answer_status = StatusCode::OK;
     if let Some(code) = config.status_override {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
