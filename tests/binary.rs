@@ -133,3 +133,54 @@ async fn sigterm_finishes_work_exits_zero_and_logs_no_secret() {
     assert_eq!(accepted + queued, 40);
     env.cleanup().await;
 }
+
+/// Malformed `AMQP_URL`s whose password the URL parser would otherwise echo back (in the path of
+/// a URL without `//`, after a stray `@`, `/` or `#`): the password is in none of them.
+const MALFORMED_URLS: [(&str, &str); 6] = [
+    ("amqp:svc:Pa55-w0rd-XYZ@127.0.0.1", "Pa55-w0rd-XYZ"),
+    (
+        "amqp://svc:Pa55-w0rd-XYZ@127.0.0.1:notaport",
+        "Pa55-w0rd-XYZ",
+    ),
+    ("amqp://svc:Pa55@w0rd-XYZ@127.0.0.1:1", "w0rd-XYZ"),
+    ("amqp://svc:1234/Pa55-w0rd-XYZ@127.0.0.1", "Pa55-w0rd-XYZ"),
+    ("amqp://svc:12#Pa55-w0rd-XYZ@127.0.0.1", "Pa55-w0rd-XYZ"),
+    ("amqp:/svc:Pa55-w0rd-XYZ@127.0.0.1", "Pa55-w0rd-XYZ"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_amqp_url_is_one_line_without_the_password() {
+    for (url, password) in MALFORMED_URLS {
+        let data_dir = tempfile::tempdir().unwrap();
+        let output = tokio::task::spawn_blocking({
+            let data_dir = data_dir.path().to_owned();
+            move || {
+                Command::new(BIN)
+                    .arg("run")
+                    .env_clear()
+                    .env("AMQP_URL", url)
+                    .env("BLINGER_API_TOKEN", "tok-very-secret-123")
+                    .env("BLINGER_API_URL", "http://127.0.0.1:1")
+                    .env("BLINGER_WORKER_DATA_DIR", &data_dir)
+                    .env("BLINGER_WORKER_METRICS_ADDR", "127.0.0.1:0")
+                    .env("BLINGER_WORKER_LOG_LEVEL", "debug")
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!all.contains(password), "{url}: {all}");
+        assert!(!output.status.success(), "{url}: {all}");
+        // Debug logs come first; the start error is the last line.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let line = stderr.trim().lines().last().unwrap_or_default();
+        assert!(line.starts_with("blinger-worker: "), "{url}: {all}");
+        assert!(line.contains("AMQP_URL"), "{url}: {line}");
+    }
+}

@@ -169,6 +169,8 @@ pub struct PurgeArgs {
 pub enum DlqError {
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Url(#[from] crate::config::AmqpUrlError),
     #[error(
         "queue {queue} does not exist (BLINGER_WORKER_DEAD_LETTER_QUEUE); has the worker or `publish` run against this broker?"
     )]
@@ -549,7 +551,7 @@ async fn with_link<T>(
     name: &str,
     body: impl AsyncFnOnce(&Link) -> Result<T, DlqError>,
 ) -> Result<T, DlqError> {
-    let link = Link::open(amqp, name, false).await?;
+    let link = Link::open::<DlqError>(amqp, name, false).await?;
     let result = body(&link).await;
     link.close().await;
     result

@@ -20,7 +20,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Confirmation, Connection};
 
 use crate::amqp::{self, AmqpError};
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, AmqpUrlError, amqp_uri};
 
 /// One connection with one channel, closed politely by [`Link::close`].
 pub(crate) struct Link {
@@ -30,17 +30,23 @@ pub(crate) struct Link {
 
 impl Link {
     /// Connects with the worker's settings. `confirm` puts the channel in publisher-confirm mode.
-    pub(crate) async fn open(
+    /// A malformed `AMQP_URL` is refused before connecting, by an error that quotes none of it.
+    pub(crate) async fn open<E: From<AmqpError> + From<AmqpUrlError>>(
         settings: &AmqpSettings,
         name: &str,
         confirm: bool,
-    ) -> Result<Link, AmqpError> {
+    ) -> Result<Link, E> {
+        amqp_uri(&settings.url)?;
         let connection = amqp::connect(settings, name).await?;
-        let channel = connection.create_channel().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(AmqpError::Channel)?;
         if confirm {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
-                .await?;
+                .await
+                .map_err(AmqpError::Channel)?;
         }
         Ok(Link {
             connection,
