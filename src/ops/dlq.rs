@@ -46,7 +46,9 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{ConfirmError, Link, clip, human_age, judge, progress, table};
+use super::{
+    ConfirmError, Link, clip, escape_json, escape_text, human_age, judge, progress, table,
+};
 use crate::amqp::{self, AmqpError, headers};
 use crate::config::{AmqpSettings, QueueType, parse_duration};
 
@@ -283,7 +285,10 @@ impl DeadLetter {
                 .as_deref()
                 .map(|s| clip(s, 20))
                 .unwrap_or_else(dash),
-            self.reason.clone().unwrap_or_else(dash),
+            self.reason
+                .as_deref()
+                .map(|s| clip(s, 30))
+                .unwrap_or_else(dash),
             self.attempts.map(|a| a.to_string()).unwrap_or_else(dash),
             self.status.map(|s| s.to_string()).unwrap_or_else(dash),
             self.age_seconds
@@ -530,7 +535,10 @@ fn write_out(text: &str) -> Result<(), DlqError> {
 
 fn to_json<T: Serialize>(value: &T) -> String {
     // Serializing our own plain structs cannot fail; fall back to null rather than panic.
-    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into());
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into());
+    // Message content ends up in these strings: no terminal control gets through, even escaped
+    // only the JSON way a terminal ignores.
+    let mut text = escape_json(&text).into_owned();
     text.push('\n');
     text
 }
@@ -651,9 +659,12 @@ impl Detail {
         }
     }
 
+    /// The text form. Every value from the message is escaped ([`escape_text`]); a line break
+    /// inside a property or header value continues on an indented line, so no value can pass
+    /// for a line of its own.
     fn text(&self) -> String {
         let d = &self.summary;
-        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        let opt = |v: &Option<String>| v.as_deref().map(field).unwrap_or_else(|| "-".into());
         let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
         let mut out = String::new();
         let mut line = |label: &str, value: String| {
@@ -671,26 +682,35 @@ impl Detail {
             .map(|s| format!(" ({} ago)", human_age(Duration::from_secs(s))))
             .unwrap_or_default();
         line("published:", format!("{}{age}", opt(&d.published_at)));
-        line("replays to:", d.replay_routing_key.clone());
+        line("replays to:", field(&d.replay_routing_key));
         line("size:", format!("{} bytes", d.size));
         out.push_str("properties:\n");
         for (k, v) in &self.properties {
-            out.push_str(&format!("  {k}: {}\n", compact(v)));
+            out.push_str(&format!("  {}: {}\n", field(k), field(&compact(v))));
         }
         out.push_str("headers:\n");
         for (k, v) in &self.headers {
-            out.push_str(&format!("  {k}: {}\n", compact(v)));
+            out.push_str(&format!("  {}: {}\n", field(k), field(&compact(v))));
         }
         out.push_str("body:\n");
         match &self.body {
             Value::String(raw) if serde_json::from_slice::<Value>(raw.as_bytes()).is_err() => {
-                out.push_str(raw);
+                out.push_str(&escape_text(raw, true));
             }
-            json => out.push_str(&serde_json::to_string_pretty(json).unwrap_or_default()),
+            json => out.push_str(&escape_json(
+                &serde_json::to_string_pretty(json).unwrap_or_default(),
+            )),
         }
         out.push('\n');
         out
     }
+}
+
+/// One value of `show`'s text: escaped, a line break continuing on an indented line.
+fn field(s: &str) -> String {
+    escape_text(s, true)
+        .replace('\t', "\\u{9}")
+        .replace('\n', "\n      ")
 }
 
 fn compact(v: &Value) -> String {
@@ -953,7 +973,11 @@ async fn settle(
         return Ok(());
     };
     let confirmation = next.confirm.await.map_err(AmqpError::Channel)?;
-    let name = next.dead.id.as_deref().unwrap_or("(no id)");
+    let name = next
+        .dead
+        .id
+        .as_deref()
+        .map_or("(no id)".into(), |id| clip(id, 64));
     if let Some(earlier) = first_error {
         // lapin hands a returned message to the next confirm it resolves, which under batched
         // acks may belong to an earlier publish: after one failure, no later "ack" proves its
