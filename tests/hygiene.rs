@@ -341,10 +341,10 @@ async fn dlq_purge_deletes_only_what_it_asked_about() {
                 let Ok(word) = line else { break };
                 screen.push_str(&String::from_utf8_lossy(&word));
                 screen.push(' ');
-                if screen.contains("[y/N]") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
+                if screen.contains("[y/N]")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(());
                 }
             }
             screen
