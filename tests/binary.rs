@@ -299,6 +299,7 @@ async fn idle_and_slow_clients_cannot_exhaust_the_ops_port() {
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let mut worker = child.0.take().unwrap();
+    let _ = tokio::task::spawn_blocking(move || worker.wait()).await;
     env.cleanup().await;
 }
