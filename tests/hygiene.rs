@@ -454,3 +454,38 @@ async fn dlq_list_and_show_hold_a_few_messages_not_the_queue() {
     assert_eq!(take_ids(&env).await, ids);
     env.cleanup().await;
 }
+
+/// `publish` reports an invalid line with its reason, which may quote the line: no control
+/// character of it reaches the terminal (the decoder quotes values Debug-style; a guard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_escapes_what_an_invalid_line_quotes() {
+    let env = TestEnv::new("hyg-pub").await;
+    let hostile =
+        json!({"kind": HOSTILE, "id": uuid::Uuid::new_v4().to_string(), "conversation_id": "c"});
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("AMQP_URL", &env.broker.url)
+        .env("BLINGER_WORKER_EXCHANGE", &env.names.exchange)
+        .env("BLINGER_WORKER_QUEUE", &env.names.queue)
+        .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &env.names.dead)
+        .env("BLINGER_WORKER_RETRY_DELAYS", "1s,2s")
+        .args(["publish", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{hostile}").unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 1"), "{stderr}");
+    assert_clean("publish stderr", &stderr);
+    assert_clean("publish stdout", &String::from_utf8_lossy(&out.stdout));
+    env.cleanup().await;
+}
