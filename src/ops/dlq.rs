@@ -1,8 +1,9 @@
 //! `blinger-worker dlq`: look into the dead-letter queue and repair it without writing scripts.
 //!
 //! Reading never consumes: messages are received *without* ack on a dedicated channel and
-//! handed back by closing that channel (or by the connection dropping, if the command
-//! dies), so `list` and `show` leave the queue as they found it, in the same order. With quorum
+//! handed back at the end (nacked with requeue, in order, see [`Scan`]; or by the channel or
+//! connection closing, if the command fails or dies), so `list` and `show` leave the queue as
+//! they found it, in the same order. With quorum
 //! queues the broker counts each hand-back as a delivery (`x-delivery-count`); that is harmless
 //! only as long as the dead-letter queue has no delivery limit (the topology sets none; a broker
 //! whose policies or defaults impose one would drop messages after that many readings).
@@ -10,8 +11,9 @@
 //! Order needs care with quorum queues: a handed-back message joins the *end* of the queue's
 //! backlog of earlier hand-backs, so giving back only the head of a queue that was listed before
 //! would move the head behind the rest. The commands therefore hold every message the queue had
-//! at the start before handing anything back, so the whole backlog goes back at once, in order
-//! (`list --limit` still reads to the end, it only shows less). Classic queues put a handed-back
+//! at the start before handing anything back, so the whole backlog goes back, in order
+//! (`list --limit` still reads to the end, it only shows less). Held is not in memory: the broker
+//! holds them; the command reads them a few hundred at a time (see [`Scan`]). Classic queues put a handed-back
 //! message back where it was, so there the commands stop as soon as they have what they need.
 //!
 //! `replay` guarantees, for each selected message:
