@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 #
-# blinger-worker image: the worker (`blinger-worker run`) plus the sandbox Blinger (`blinger-sandbox`).
+# blinger-worker image: the worker (`blinger-worker run`) and its operator commands, nothing else.
+# The sandbox Blinger (`blinger-sandbox`, whose /_sandbox/config answers with its token) is a test
+# tool: it is not built here and not in the image (.ci/image_checks.py checks that).
 #
 #   docker build -t blinger-worker .
 #   docker run --rm -p 9464:9464 -e AMQP_URL=amqp://user:pass@rabbitmq:5672/%2f \
@@ -30,7 +32,7 @@ RUN set -eux; \
     printf '%s\n' src/main.rs src/bin/blinger-sandbox.rs >> /tmp/stub-targets; \
     while read -r f; do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done < /tmp/stub-targets; \
     : > src/lib.rs; \
-    cargo build --release --locked --bin blinger-worker --bin blinger-sandbox; \
+    cargo build --release --locked --bin blinger-worker; \
     rm -rf src benches tests examples /tmp/stub-targets
 
 # 2. The real sources (.dockerignore keeps target/, .git, helm/, deploy/ ... out of the context).
@@ -40,9 +42,9 @@ COPY . .
 RUN set -eux; \
     find src -name '*.rs' -exec touch {} +; \
     rm -rf target/release/.fingerprint/blinger-worker-*; \
-    cargo build --release --locked --bin blinger-worker --bin blinger-sandbox; \
+    cargo build --release --locked --bin blinger-worker; \
     mkdir -p /out/bin /out/data; \
-    cp target/release/blinger-worker target/release/blinger-sandbox /out/bin/
+    cp target/release/blinger-worker /out/bin/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 LABEL org.opencontainers.image.title="blinger-worker" \

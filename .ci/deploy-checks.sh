@@ -7,7 +7,8 @@
 #   apt-get install -y prometheus        # promtool (Debian's prometheus package)
 #
 # Steps:
-#   1. hadolint Dockerfile
+#   1. hadolint Dockerfile; .ci/image_checks.py: the image builds and ships the worker only (no
+#      blinger-sandbox, whose /_sandbox/config answers with its token)
 #   2. .ci/deploy_checks.py: dashboard copies identical + PromQL valid; values.schema.json; helm lint
 #      (helm-python-sdk) with default and ci/all-options-values.yaml; render both; kubernetes-validate
 #      --strict on core kinds; CRD kinds against subset schemas; StatefulSet contract; standalone rules
@@ -42,6 +43,7 @@ run() {
 }
 
 run "hadolint" hadolint --failure-threshold style Dockerfile
+run "image contents" python3 .ci/image_checks.py Dockerfile
 run "chart, manifests, dashboard" python3 .ci/deploy_checks.py
 run "promtool check rules" promtool check rules deploy/prometheus/blinger-worker-rules.yaml
 run "promtool test rules" promtool test rules deploy/prometheus/blinger-worker-rules.test.yaml

@@ -44,13 +44,72 @@ impl std::str::FromStr for Secret {
     }
 }
 
-/// The AMQP URL with its password masked, for logs and error messages.
+/// Why `AMQP_URL` cannot be used. No variant carries any part of the URL: in a malformed URL the
+/// password may be anywhere (in the path of `amqp:user:pw@host`, in the port or path after a `/`,
+/// `?` or `#` in the password), so nothing of it is ever repeated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmqpUrlError {
+    /// url's messages are fixed texts ("invalid port number", "empty host"): none quotes input.
+    #[error("AMQP_URL is not a URL ({0}); expected amqp://user:password@host:port/vhost")]
+    Parse(url::ParseError),
+    #[error("AMQP_URL has no host: expected amqp://user:password@host:port/vhost")]
+    NoHost,
+    #[error("AMQP_URL must start with amqp:// or amqps://")]
+    Scheme,
+    #[error(
+        "AMQP_URL has an '@' after its host: percent-encode '@', '/', '?' and '#' in the user \
+         name, password and vhost (%40, %2F, %3F, %23)"
+    )]
+    StrayAt,
+    #[error(
+        "AMQP_URL is not a valid AMQP URI: check the percent-encoding and that frame_max, \
+         channel_max, heartbeat and connection_timeout are numbers"
+    )]
+    Invalid,
+}
+
+/// `url` parsed the way the AMQP client parses it, checked for the mistakes that would move a
+/// password out of the user-info part (where redaction looks for it).
+fn checked_url(url: &str) -> Result<url::Url, AmqpUrlError> {
+    let parsed = url::Url::parse(url).map_err(AmqpUrlError::Parse)?;
+    if !matches!(parsed.scheme(), "amqp" | "amqps") {
+        return Err(AmqpUrlError::Scheme);
+    }
+    if parsed.cannot_be_a_base() || parsed.host_str().is_none_or(str::is_empty) {
+        return Err(AmqpUrlError::NoHost);
+    }
+    // The parser splits the user info at the *last* '@' before the host, so an '@' in the path,
+    // query or fragment means the authority ended early: a '/', '?' or '#' in the password put
+    // the rest of it (and the real host) there.
+    let stray = |part: Option<&str>| part.is_some_and(|p| p.contains('@'));
+    if stray(Some(parsed.path())) || stray(parsed.query()) || stray(parsed.fragment()) {
+        return Err(AmqpUrlError::StrayAt);
+    }
+    Ok(parsed)
+}
+
+/// `AMQP_URL` as the AMQP client's URI, or why it cannot be one (never quoting it). The worker and
+/// the operator commands check the URL with this before connecting; connecting with the result
+/// (`lapin::Connection::connect_uri`) never reparses the text, so no parse error can echo it.
+/// The result's `Debug` shows the password: never log it.
+pub fn amqp_uri(url: &Secret) -> Result<lapin::uri::AMQPUri, AmqpUrlError> {
+    checked_url(url.expose())?;
+    // The client's own parser has further checks (percent-encoding, numeric query parameters);
+    // its error texts may quote the URL, so they are dropped.
+    url.expose()
+        .parse::<lapin::uri::AMQPUri>()
+        .map_err(|_| AmqpUrlError::Invalid)
+}
+
+/// The AMQP URL with its password masked, for logs and error messages. A URL that is malformed
+/// (see [`AmqpUrlError`]) is not shown at all: its password could be anywhere in it.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
+    match checked_url(url) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
             }
+            parsed.set_fragment(None);
             parsed.to_string()
         }
         Err(_) => "[unparseable URL]".to_owned(),
@@ -299,6 +358,8 @@ pub enum ConfigError {
     EmptyToken,
     #[error("BLINGER_API_URL must be an http(s) URL")]
     ApiUrl,
+    #[error(transparent)]
+    AmqpUrl(#[from] AmqpUrlError),
 }
 
 impl TokenSource {
@@ -337,6 +398,7 @@ impl RunSettings {
         if !matches!(self.api_url.scheme(), "http" | "https") || self.api_url.cannot_be_a_base() {
             return Err(ConfigError::ApiUrl);
         }
+        amqp_uri(&self.amqp.url)?;
         TokenSource::from_settings(self)?.load()?;
         Ok(())
     }
@@ -358,6 +420,65 @@ mod tests {
         assert!(!r.contains("s3cret"), "{r}");
         assert!(r.contains("user"));
         assert_eq!(redact_url("not a url"), "[unparseable URL]");
+    }
+
+    /// URLs that are malformed in ways that put the password where a parser does not look for
+    /// one (the path of a URL without `//`, after a `/`, `?` or `#` in the password), and that
+    /// password: redaction never shows it.
+    const MALFORMED: [(&str, &str); 8] = [
+        ("amqp:user:Pa55w0rd@host", "Pa55w0rd"),
+        ("amqp:/user:Pa55w0rd@host", "Pa55w0rd"),
+        ("amqp:///user:Pa55w0rd@host", "Pa55w0rd"),
+        ("amqp://user:Pa55w0rd@host:notaport", "Pa55w0rd"),
+        ("amqp://user:Pa55@w0rd@host", "w0rd"),
+        ("amqp://user:1234/Pa55w0rd@host", "Pa55w0rd"),
+        ("amqp://user:12?Pa55w0rd@host", "Pa55w0rd"),
+        ("amqp://user:12#Pa55w0rd@host", "Pa55w0rd"),
+    ];
+
+    #[test]
+    fn redaction_of_a_malformed_url_never_shows_the_password() {
+        for (url, password) in MALFORMED {
+            let shown = redact_url(url);
+            assert!(!shown.contains(password), "{url} shown as {shown}");
+            if let Err(e) = amqp_uri(&Secret::new(url)) {
+                let text = format!("{e} {e:?}");
+                assert!(!text.contains(password), "{url}: {text}");
+                assert!(text.contains("AMQP_URL"), "{text}");
+            }
+        }
+        // Only the one with an '@' in its password is a usable URL.
+        let usable: Vec<&str> = MALFORMED
+            .iter()
+            .map(|(url, _)| *url)
+            .filter(|url| amqp_uri(&Secret::new(*url)).is_ok())
+            .collect();
+        assert_eq!(usable, ["amqp://user:Pa55@w0rd@host"]);
+    }
+
+    #[test]
+    fn amqp_uri_reads_what_the_client_reads() {
+        let uri = amqp_uri(&Secret::new("amqps://u:p%2Fw@rabbit:5671/%2f?heartbeat=5")).unwrap();
+        assert_eq!(uri.authority.userinfo.password, "p/w");
+        assert_eq!(uri.authority.host, "rabbit");
+        assert_eq!(uri.vhost, "/");
+        assert_eq!(uri.query.heartbeat, Some(5));
+        let err = |url: &str| amqp_uri(&Secret::new(url)).unwrap_err();
+        assert_eq!(err("http://u:p@rabbit"), AmqpUrlError::Scheme);
+        assert_eq!(err("amqp:u:p@rabbit"), AmqpUrlError::NoHost);
+        assert_eq!(err("amqp://u:1/p@rabbit"), AmqpUrlError::StrayAt);
+        assert_eq!(
+            err("amqp://u:p@rabbit?heartbeat=soon"),
+            AmqpUrlError::Invalid
+        );
+        assert_eq!(
+            err("amqp://u:p@rabbit:port"),
+            AmqpUrlError::Parse(url::ParseError::InvalidPort)
+        );
+        assert_eq!(
+            redact_url("amqp://u:p@rabbit:5672/%2f#frag"),
+            "amqp://u:***@rabbit:5672/%2f"
+        );
     }
 
     #[test]

@@ -384,6 +384,9 @@ impl Store {
         Ok(removed)
     }
 
+    /// Number of records and size on disk. Blocking and O(records): sled counts a tree by reading
+    /// all of it, so async code calls this on a blocking thread (`spawn_blocking`; the ops port
+    /// also counts one at a time and reuses a fresh count, see `ops_http`).
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let h = self.handles()?;
         Ok(StoreStats {

@@ -386,10 +386,21 @@ mod tests {
     #[test]
     fn process_cpu_seconds_are_exact() {
         let m = Metrics::new();
-        // Burn a little CPU, well under a second.
-        let start = std::time::Instant::now();
+        // Burn 50 ms of this process's CPU time, well under a second (measured in CPU time, not
+        // wall time: on a loaded machine 30 ms of wall time could be less than one clock tick
+        // of CPU, and the value read 0).
+        let cpu = || {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid clock id and a pointer to a timespec we own.
+            unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+            std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        };
+        let start = cpu();
         let mut x = 0u64;
-        while start.elapsed() < std::time::Duration::from_millis(30) {
+        while cpu() - start < std::time::Duration::from_millis(50) {
             x = x.wrapping_mul(31).wrapping_add(7);
         }
         std::hint::black_box(x);

@@ -133,3 +133,173 @@ async fn sigterm_finishes_work_exits_zero_and_logs_no_secret() {
     assert_eq!(accepted + queued, 40);
     env.cleanup().await;
 }
+
+/// Malformed `AMQP_URL`s whose password the URL parser would otherwise echo back (in the path of
+/// a URL without `//`, after a stray `@`, `/` or `#`): the password is in none of them.
+const MALFORMED_URLS: [(&str, &str); 6] = [
+    ("amqp:svc:Pa55-w0rd-XYZ@127.0.0.1", "Pa55-w0rd-XYZ"),
+    (
+        "amqp://svc:Pa55-w0rd-XYZ@127.0.0.1:notaport",
+        "Pa55-w0rd-XYZ",
+    ),
+    ("amqp://svc:Pa55@w0rd-XYZ@127.0.0.1:1", "w0rd-XYZ"),
+    ("amqp://svc:1234/Pa55-w0rd-XYZ@127.0.0.1", "Pa55-w0rd-XYZ"),
+    ("amqp://svc:12#Pa55-w0rd-XYZ@127.0.0.1", "Pa55-w0rd-XYZ"),
+    ("amqp:/svc:Pa55-w0rd-XYZ@127.0.0.1", "Pa55-w0rd-XYZ"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_amqp_url_is_one_line_without_the_password() {
+    for (url, password) in MALFORMED_URLS {
+        let data_dir = tempfile::tempdir().unwrap();
+        let output = tokio::task::spawn_blocking({
+            let data_dir = data_dir.path().to_owned();
+            move || {
+                Command::new(BIN)
+                    .arg("run")
+                    .env_clear()
+                    .env("AMQP_URL", url)
+                    .env("BLINGER_API_TOKEN", "tok-very-secret-123")
+                    .env("BLINGER_API_URL", "http://127.0.0.1:1")
+                    .env("BLINGER_WORKER_DATA_DIR", &data_dir)
+                    .env("BLINGER_WORKER_METRICS_ADDR", "127.0.0.1:0")
+                    .env("BLINGER_WORKER_LOG_LEVEL", "debug")
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!all.contains(password), "{url}: {all}");
+        assert!(!output.status.success(), "{url}: {all}");
+        // Debug logs come first; the start error is the last line.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let line = stderr.trim().lines().last().unwrap_or_default();
+        assert!(line.starts_with("blinger-worker: "), "{url}: {all}");
+        assert!(line.contains("AMQP_URL"), "{url}: {line}");
+    }
+}
+
+/// A free port on the loopback, for a worker's ops port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed if the test fails before it stops it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// GET on a fresh connection; the status line, or None when nothing came within `within`.
+async fn get_status(addr: &str, path: &str, within: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.ok()?;
+        String::from_utf8_lossy(&answer)
+            .lines()
+            .next()
+            .map(str::to_owned)
+    };
+    tokio::time::timeout(within, ask).await.ok().flatten()
+}
+
+/// Hundreds of idle connections to the ops port cost the worker a bounded number of sockets
+/// (they wait in the kernel's backlog past the limit), a trickling request head is cut off, and
+/// once the clients are gone the port answers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_clients_cannot_exhaust_the_ops_port() {
+    let env = TestEnv::new("opsport").await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = KillOnDrop(Some(
+        worker_command(&env)
+            .env("BLINGER_API_TOKEN", TOKEN)
+            .env("BLINGER_WORKER_METRICS_ADDR", &addr)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let pid = child.0.as_ref().unwrap().id();
+    let mut up = false;
+    for _ in 0..100 {
+        if get_status(&addr, "/healthz", Duration::from_secs(1))
+            .await
+            .is_some_and(|s| s.contains("200"))
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the worker's ops port answers");
+    let baseline = open_fds(pid);
+
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = open_fds(pid);
+    assert!(
+        held <= baseline + 64 + 4,
+        "300 idle connections took {} sockets of the worker",
+        held.saturating_sub(baseline)
+    );
+    drop(idle);
+
+    // A request head that never ends is cut off after the header-read timeout (5 s).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(15), slow.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a trickling request head kept its connection"
+        );
+    }
+    let status = get_status(&addr, "/healthz", Duration::from_secs(15)).await;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains("200")),
+        "{status:?}"
+    );
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let mut worker = child.0.take().unwrap();
+    let _ = tokio::task::spawn_blocking(move || worker.wait()).await;
+    env.cleanup().await;
+}

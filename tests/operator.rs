@@ -448,7 +448,7 @@ async fn dlq_list_and_show_do_not_consume() {
     for expected in [
         "reason:         rejected",
         "last status:    422",
-        "x-blinger-error: rejected: detail\nline two",
+        "x-blinger-error: rejected: detail\n      line two",
         "traceparent: 00-4bf92f3577b34da6",
         "content_type: application/json",
         "\"file_url\": \"https://cdn.example.com/a.png\"",

@@ -17,7 +17,7 @@ use lapin::options::{BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions}
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::config::{AmqpSettings, redact_url};
+use crate::config::{AmqpSettings, AmqpUrlError, redact_url};
 pub use topology::Topology;
 
 /// Headers the worker reads and writes. Public: operators and publishers see them.
@@ -50,6 +50,8 @@ pub enum AmqpError {
     Nacked(String),
     #[error("publish to {0} was not routed to any queue")]
     Unroutable(String),
+    #[error(transparent)]
+    Url(#[from] AmqpUrlError),
 }
 
 /// One connection and its two channels.
@@ -107,8 +109,8 @@ impl Session {
 /// not memory: only the pages a deep message touches become resident.
 pub const DECODER_STACK_BYTES: usize = 256 * 1024 * 1024;
 
-/// `url` asking for the broker's own `frame_max`, whatever the URL says; `None` if it does not
-/// parse (the connect then reports the error, without the password).
+/// The URL of `settings`, checked (a malformed one is refused with an error that quotes none of
+/// it), asking for the broker's own `frame_max` whatever the URL says.
 ///
 /// A message's properties (its headers) travel in one frame, which cannot be split, and the
 /// broker hands a consumer each message with the header frame its publisher sent: up to the
@@ -117,23 +119,19 @@ pub const DECODER_STACK_BYTES: usize = 256 * 1024 * 1024;
 /// redelivery of that one message. So the worker always takes the broker's value. lapin keeps
 /// 32 frames of buffer each way per connection: at 128 KiB that is 8 MiB of address space, of
 /// which only what large messages touch becomes resident (measured in docs/performance.md).
-fn with_broker_frame_max(url: &str) -> Option<lapin::uri::AMQPUri> {
-    let mut uri: lapin::uri::AMQPUri = url.parse().ok()?;
-    // 0: no limit of the client's own, so the broker's `frame_max` is what is negotiated.
+fn broker_uri(url: &crate::config::Secret) -> Result<lapin::uri::AMQPUri, AmqpUrlError> {
+    let mut uri = crate::config::amqp_uri(url)?;
+    // None: no limit of the client's own, so the broker's `frame_max` is what is negotiated.
     uri.query.frame_max = None;
-    Some(uri)
+    Ok(uri)
 }
 
 /// Opens a connection. Errors name the setting and never show the password.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
     let url = settings.url.expose();
+    let uri = broker_uri(&settings.url)?;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connecting = async {
-        match with_broker_frame_max(url) {
-            Some(uri) => Connection::connect_uri(uri, properties).await,
-            None => Connection::connect(url, properties).await,
-        }
-    };
+    let connecting = Connection::connect_uri(uri, properties);
     match tokio::time::timeout(Duration::from_secs(15), connecting).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(source)) => Err(AmqpError::Connect {
@@ -237,17 +235,20 @@ pub fn header_string(properties: &BasicProperties, name: &str) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
 
     #[test]
     fn always_takes_the_brokers_frame_size() {
-        let uri = with_broker_frame_max("amqp://u:p@host:5672/%2f").unwrap();
+        let uri = broker_uri(&Secret::new("amqp://u:p@host:5672/%2f")).unwrap();
         assert_eq!(uri.query.frame_max, None);
         assert_eq!(uri.authority.userinfo.password, "p");
-        let uri =
-            with_broker_frame_max("amqp://u:p@host:5672/%2f?frame_max=16384&heartbeat=5").unwrap();
+        let uri = broker_uri(&Secret::new(
+            "amqp://u:p@host:5672/%2f?frame_max=16384&heartbeat=5",
+        ))
+        .unwrap();
         assert_eq!(uri.query.frame_max, None);
         assert_eq!(uri.query.heartbeat, Some(5));
-        assert!(with_broker_frame_max("http://nope").is_none());
+        assert!(broker_uri(&Secret::new("http://nope")).is_err());
     }
 
     #[test]

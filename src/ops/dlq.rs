@@ -1,8 +1,9 @@
 //! `blinger-worker dlq`: look into the dead-letter queue and repair it without writing scripts.
 //!
 //! Reading never consumes: messages are received *without* ack on a dedicated channel and
-//! handed back by closing that channel (or by the connection dropping, if the command
-//! dies), so `list` and `show` leave the queue as they found it, in the same order. With quorum
+//! handed back at the end (nacked with requeue, in order, see [`Scan`]; or by the channel or
+//! connection closing, if the command fails or dies), so `list` and `show` leave the queue as
+//! they found it, in the same order. With quorum
 //! queues the broker counts each hand-back as a delivery (`x-delivery-count`); that is harmless
 //! only as long as the dead-letter queue has no delivery limit (the topology sets none; a broker
 //! whose policies or defaults impose one would drop messages after that many readings).
@@ -10,8 +11,9 @@
 //! Order needs care with quorum queues: a handed-back message joins the *end* of the queue's
 //! backlog of earlier hand-backs, so giving back only the head of a queue that was listed before
 //! would move the head behind the rest. The commands therefore hold every message the queue had
-//! at the start before handing anything back, so the whole backlog goes back at once, in order
-//! (`list --limit` still reads to the end, it only shows less). Classic queues put a handed-back
+//! at the start before handing anything back, so the whole backlog goes back, in order
+//! (`list --limit` still reads to the end, it only shows less). Held is not in memory: the broker
+//! holds them; the command reads them a few hundred at a time (see [`Scan`]). Classic queues put a handed-back
 //! message back where it was, so there the commands stop as soon as they have what they need.
 //!
 //! `replay` guarantees, for each selected message:
@@ -28,7 +30,7 @@
 //! - after a republish fails (refused, or routed nowhere) it stops, and acks nothing more: with
 //!   confirms pipelined, a later confirm can no longer be trusted to speak for its own message.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,8 +38,9 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer, ExchangeKind, PublisherConfirm};
@@ -46,7 +49,9 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{ConfirmError, Link, clip, human_age, judge, progress, table};
+use super::{
+    ConfirmError, Link, clip, escape_json, escape_text, human_age, judge, progress, table,
+};
 use crate::amqp::{self, AmqpError, headers};
 use crate::config::{AmqpSettings, QueueType, parse_duration};
 
@@ -169,6 +174,8 @@ pub struct PurgeArgs {
 pub enum DlqError {
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Url(#[from] crate::config::AmqpUrlError),
     #[error(
         "queue {queue} does not exist (BLINGER_WORKER_DEAD_LETTER_QUEUE); has the worker or `publish` run against this broker?"
     )]
@@ -281,7 +288,10 @@ impl DeadLetter {
                 .as_deref()
                 .map(|s| clip(s, 20))
                 .unwrap_or_else(dash),
-            self.reason.clone().unwrap_or_else(dash),
+            self.reason
+                .as_deref()
+                .map(|s| clip(s, 30))
+                .unwrap_or_else(dash),
             self.attempts.map(|a| a.to_string()).unwrap_or_else(dash),
             self.status.map(|s| s.to_string()).unwrap_or_else(dash),
             self.age_seconds
@@ -400,12 +410,45 @@ impl Selection<'_> {
 /// rest (the count at the start was only a snapshot).
 const IDLE: Duration = Duration::from_secs(3);
 
-/// Walks the queue with a consumer that never acks on its own, never further than the messages
-/// the queue held at the start. A consumer rather than `basic.get`: on a quorum queue every get is
+/// Messages a scan lets the broker send ahead of the one being looked at: what bounds its memory
+/// (at most this many deliveries are buffered, whatever the queue holds).
+/// `BLINGER_WORKER_DLQ_READ_AHEAD` overrides it (tests use tiny windows to cross many of them).
+const READ_AHEAD: u32 = 256;
+
+fn read_ahead() -> u32 {
+    std::env::var("BLINGER_WORKER_DLQ_READ_AHEAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| (1..=u32::from(u16::MAX)).contains(&n))
+        .unwrap_or(READ_AHEAD)
+}
+
+/// Walks the queue with consumers that never ack on their own, never further than the messages
+/// the queue held at the start. Consumers rather than `basic.get`: on a quorum queue every get is
 /// a replicated command, which caps a scan at a few hundred messages a second; a consumer's
-/// deliveries stream. The prefetch is large enough for every message the scan may hold at once.
+/// deliveries stream.
+///
+/// Memory stays bounded however long the queue is. A consumer may have at most
+/// [`READ_AHEAD`] unacked messages, and the scan holds every message it looked at unacked (see
+/// the module docs); so it reads the queue in *segments*: one consumer takes [`READ_AHEAD`]
+/// messages, is cancelled (its messages stay held: cancelling hands nothing back), and the next
+/// consumer takes the next ones. Only one segment's deliveries are ever buffered; what the scan
+/// keeps of each message is up to its caller.
+///
+/// Hand-back: closing the channel returns every held message, but RabbitMQ returns the messages of
+/// several consumers in no defined order. [`Scan::hand_back`] therefore returns them segment by
+/// segment, in order, with one `basic.nack(multiple, requeue)` per segment; classic queues put
+/// each message back at its place anyway.
 struct Scan {
+    channel: Channel,
+    queue: String,
+    window: u32,
     consumer: Option<Consumer>,
+    /// Deliveries taken from the current consumer.
+    in_segment: u32,
+    /// The first and last delivery tag of each segment, in order (a channel numbers its
+    /// deliveries one after the other, so a segment's tags are that whole range).
+    segments: Vec<(u64, u64)>,
     left: u32,
     /// Whether every message must be held before any is handed back (quorum queues; see the
     /// module docs): then [`Scan::may_stop`] is false until the end.
@@ -413,44 +456,22 @@ struct Scan {
 }
 
 impl Scan {
-    /// Starts a scan of the `total` messages on `channel`, of which the caller needs at most
-    /// `want` (it holds them all, unacked, until it closes the channel).
+    /// Starts a scan of the `total` messages ready on `channel` (it holds each message it
+    /// returns, unacked, until [`Scan::hand_back`] or the channel's end).
     async fn start(
         channel: &Channel,
         settings: &AmqpSettings,
         total: u32,
-        want: u32,
     ) -> Result<Scan, DlqError> {
-        let hold_all = settings.queue_type == QueueType::Quorum;
-        if total == 0 {
-            return Ok(Scan {
-                consumer: None,
-                left: 0,
-                hold_all,
-            });
-        }
-        let prefetch = if hold_all { total } else { want.min(total) };
-        // 0 is "no limit", for a queue longer than the largest prefetch AMQP can express.
-        channel
-            .basic_qos(
-                u16::try_from(prefetch.max(1)).unwrap_or(0),
-                BasicQosOptions::default(),
-            )
-            .await
-            .map_err(AmqpError::Channel)?;
-        let consumer = channel
-            .basic_consume(
-                settings.dead_letter_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(AmqpError::Channel)?;
         Ok(Scan {
-            consumer: Some(consumer),
+            channel: channel.clone(),
+            queue: settings.dead_letter_queue.clone(),
+            window: read_ahead(),
+            consumer: None,
+            in_segment: 0,
+            segments: Vec::new(),
             left: total,
-            hold_all,
+            hold_all: settings.queue_type == QueueType::Quorum,
         })
     }
 
@@ -459,22 +480,110 @@ impl Scan {
         !self.hold_all || self.left == 0
     }
 
+    /// Cancels the current consumer; the messages it delivered stay held.
+    async fn end_segment(&mut self) -> Result<(), DlqError> {
+        if let Some(consumer) = self.consumer.take() {
+            self.channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+                .map_err(AmqpError::Channel)?;
+        }
+        Ok(())
+    }
+
     async fn next(&mut self) -> Result<Option<Delivery>, DlqError> {
-        let Some(consumer) = self.consumer.as_mut().filter(|_| self.left > 0) else {
+        if self.left == 0 {
+            self.end_segment().await?;
+            return Ok(None);
+        }
+        if self.consumer.is_none() || self.in_segment >= self.window {
+            self.end_segment().await?;
+            // Applies to the consumers started after it: this one may hold at most this many.
+            let prefetch = self.window.min(self.left);
+            self.channel
+                .basic_qos(
+                    u16::try_from(prefetch).unwrap_or(u16::MAX),
+                    BasicQosOptions::default(),
+                )
+                .await
+                .map_err(AmqpError::Channel)?;
+            let consumer = self
+                .channel
+                .basic_consume(
+                    self.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(AmqpError::Channel)?;
+            self.consumer = Some(consumer);
+            self.in_segment = 0;
+        }
+        let Some(consumer) = self.consumer.as_mut() else {
             return Ok(None);
         };
         match tokio::time::timeout(IDLE, consumer.next()).await {
             Ok(Some(Ok(delivery))) => {
                 self.left -= 1;
+                let tag = delivery.delivery_tag;
+                match self.segments.last_mut() {
+                    Some((_, last)) if self.in_segment > 0 => *last = tag,
+                    _ => self.segments.push((tag, tag)),
+                }
+                self.in_segment += 1;
                 Ok(Some(delivery))
             }
             Ok(Some(Err(e))) => Err(AmqpError::Channel(e).into()),
             // Cancelled by the broker (queue deleted), or nothing more is coming.
             Ok(None) | Err(_) => {
                 self.left = 0;
+                self.end_segment().await?;
                 Ok(None)
             }
         }
+    }
+
+    /// Hands every held message back to the queue, in the queue's order (see the type's docs),
+    /// except those acked since (`acked`: their delivery tags). On a quorum queue the broker
+    /// applies the returns a little later: this waits (up to 2 s) until they are ready again, so
+    /// a command run right after this one sees the whole queue.
+    async fn hand_back(&mut self, acked: &BTreeSet<u64>) -> Result<(), DlqError> {
+        self.end_segment().await?;
+        let mut returned = 0u32;
+        for (first, last) in std::mem::take(&mut self.segments) {
+            // `multiple` covers every outstanding tag up to this one; it must itself be
+            // outstanding (RabbitMQ refuses an acked tag).
+            let Some(tag) = (first..=last).rev().find(|tag| !acked.contains(tag)) else {
+                continue;
+            };
+            returned += u32::try_from((first..=last).filter(|t| !acked.contains(t)).count())
+                .unwrap_or(u32::MAX);
+            self.channel
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await
+                .map_err(AmqpError::Channel)?;
+        }
+        if returned > 0 && self.hold_all {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while ready_count(&self.channel, &self.queue).await? < returned
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last delivery tag taken, if any.
+    fn last_tag(&self) -> Option<u64> {
+        self.segments.last().map(|&(_, last)| last)
     }
 }
 
@@ -513,7 +622,10 @@ fn write_out(text: &str) -> Result<(), DlqError> {
 
 fn to_json<T: Serialize>(value: &T) -> String {
     // Serializing our own plain structs cannot fail; fall back to null rather than panic.
-    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into());
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into());
+    // Message content ends up in these strings: no terminal control gets through, even escaped
+    // only the JSON way a terminal ignores.
+    let mut text = escape_json(&text).into_owned();
     text.push('\n');
     text
 }
@@ -534,7 +646,7 @@ async fn with_link<T>(
     name: &str,
     body: impl AsyncFnOnce(&Link) -> Result<T, DlqError>,
 ) -> Result<T, DlqError> {
-    let link = Link::open(amqp, name, false).await?;
+    let link = Link::open::<DlqError>(amqp, name, false).await?;
     let result = body(&link).await;
     link.close().await;
     result
@@ -544,7 +656,7 @@ pub async fn list(args: &ListArgs) -> Result<(), DlqError> {
     let queue = args.amqp.dead_letter_queue.as_str();
     let (dead, total) = with_link(&args.amqp, "blinger-worker dlq list", async |link| {
         let total = ready_count(&link.channel, queue).await?;
-        let mut scan = Scan::start(&link.channel, &args.amqp, total, args.limit).await?;
+        let mut scan = Scan::start(&link.channel, &args.amqp, total).await?;
         let bar = progress(Some(u64::from(total)), "reading");
         let now = SystemTime::now();
         let limit = args.limit as usize;
@@ -558,6 +670,7 @@ pub async fn list(args: &ListArgs) -> Result<(), DlqError> {
                 dead.push(DeadLetter::from_delivery(&delivery, now));
             }
         }
+        scan.hand_back(&BTreeSet::new()).await?;
         bar.finish_and_clear();
         Ok((dead, total))
     })
@@ -634,9 +747,12 @@ impl Detail {
         }
     }
 
+    /// The text form. Every value from the message is escaped ([`escape_text`]); a line break
+    /// inside a property or header value continues on an indented line, so no value can pass
+    /// for a line of its own.
     fn text(&self) -> String {
         let d = &self.summary;
-        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        let opt = |v: &Option<String>| v.as_deref().map(field).unwrap_or_else(|| "-".into());
         let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
         let mut out = String::new();
         let mut line = |label: &str, value: String| {
@@ -654,26 +770,35 @@ impl Detail {
             .map(|s| format!(" ({} ago)", human_age(Duration::from_secs(s))))
             .unwrap_or_default();
         line("published:", format!("{}{age}", opt(&d.published_at)));
-        line("replays to:", d.replay_routing_key.clone());
+        line("replays to:", field(&d.replay_routing_key));
         line("size:", format!("{} bytes", d.size));
         out.push_str("properties:\n");
         for (k, v) in &self.properties {
-            out.push_str(&format!("  {k}: {}\n", compact(v)));
+            out.push_str(&format!("  {}: {}\n", field(k), field(&compact(v))));
         }
         out.push_str("headers:\n");
         for (k, v) in &self.headers {
-            out.push_str(&format!("  {k}: {}\n", compact(v)));
+            out.push_str(&format!("  {}: {}\n", field(k), field(&compact(v))));
         }
         out.push_str("body:\n");
         match &self.body {
             Value::String(raw) if serde_json::from_slice::<Value>(raw.as_bytes()).is_err() => {
-                out.push_str(raw);
+                out.push_str(&escape_text(raw, true));
             }
-            json => out.push_str(&serde_json::to_string_pretty(json).unwrap_or_default()),
+            json => out.push_str(&escape_json(
+                &serde_json::to_string_pretty(json).unwrap_or_default(),
+            )),
         }
         out.push('\n');
         out
     }
+}
+
+/// One value of `show`'s text: escaped, a line break continuing on an indented line.
+fn field(s: &str) -> String {
+    escape_text(s, true)
+        .replace('\t', "\\u{9}")
+        .replace('\n', "\n      ")
 }
 
 fn compact(v: &Value) -> String {
@@ -724,21 +849,21 @@ pub async fn show(args: &ShowArgs) -> Result<(), DlqError> {
     let found = with_link(&args.amqp, "blinger-worker dlq show", async |link| {
         let total = ready_count(&link.channel, queue).await?;
         let bar = progress(Some(u64::from(total)), "scanning");
-        let mut scan = Scan::start(&link.channel, &args.amqp, total, total).await?;
+        let mut scan = Scan::start(&link.channel, &args.amqp, total).await?;
         let now = SystemTime::now();
         let mut found = Vec::new();
         while let Some(delivery) = scan.next().await? {
             bar.inc(1);
-            let detail = Detail::from_delivery(&delivery, now);
-            if detail
-                .summary
+            // The cheap summary first; the full detail only of a match.
+            if DeadLetter::from_delivery(&delivery, now)
                 .id
                 .as_deref()
                 .is_some_and(|id| id.eq_ignore_ascii_case(&args.id))
             {
-                found.push(detail);
+                found.push(Detail::from_delivery(&delivery, now));
             }
         }
+        scan.hand_back(&BTreeSet::new()).await?;
         bar.finish_and_clear();
         Ok(found)
     })
@@ -817,12 +942,13 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
                 "replaying"
             },
         );
-        let mut scan = Scan::start(&link.channel, &args.amqp, total, total).await?;
+        let mut scan = Scan::start(&link.channel, &args.amqp, total).await?;
         let now = SystemTime::now();
         let limit = args.limit.map_or(usize::MAX, |l| l as usize);
         let mut summary = ReplaySummary::default();
         let mut selected = 0usize;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut acked = BTreeSet::new();
         // Past the limit, or after a failed republish, read on only as far as keeping the order
         // requires.
         let selecting = |selected: usize, first_error: &Option<ConfirmError>| {
@@ -871,6 +997,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
                     &mut in_flight,
                     &mut summary,
                     &mut first_error,
+                    &mut acked,
                 )
                 .await?;
             }
@@ -881,12 +1008,14 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
                 &mut in_flight,
                 &mut summary,
                 &mut first_error,
+                &mut acked,
             )
             .await?;
         }
         if summary.replayed.len() + summary.failed > 0 {
             ack_barrier(&link.channel, queue, scan.hold_all).await?;
         }
+        scan.hand_back(&acked).await?;
         let _ = publish.close(200, "done".into()).await;
         bar.finish_and_clear();
         Ok(summary)
@@ -931,12 +1060,17 @@ async fn settle(
     in_flight: &mut VecDeque<InFlight>,
     summary: &mut ReplaySummary,
     first_error: &mut Option<ConfirmError>,
+    acked: &mut BTreeSet<u64>,
 ) -> Result<(), DlqError> {
     let Some(next) = in_flight.pop_front() else {
         return Ok(());
     };
     let confirmation = next.confirm.await.map_err(AmqpError::Channel)?;
-    let name = next.dead.id.as_deref().unwrap_or("(no id)");
+    let name = next
+        .dead
+        .id
+        .as_deref()
+        .map_or("(no id)".into(), |id| clip(id, 64));
     if let Some(earlier) = first_error {
         // lapin hands a returned message to the next confirm it resolves, which under batched
         // acks may belong to an earlier publish: after one failure, no later "ack" proves its
@@ -951,6 +1085,7 @@ async fn settle(
                 .basic_ack(next.tag, BasicAckOptions::default())
                 .await
                 .map_err(AmqpError::Channel)?;
+            acked.insert(next.tag);
             summary.replayed.push(next.dead);
         }
         Err(error) => {
@@ -1012,6 +1147,12 @@ async fn check_exchange(channel: &Channel, exchange: &str) -> Result<(), DlqErro
         })
 }
 
+/// Deletes the messages the queue holds when the command starts, and only those.
+///
+/// It first takes every message then ready (held unacked, as `list` does: nothing is removed
+/// yet), tells what they are, asks, and only then acks exactly those deliveries. A message that
+/// arrives meanwhile is not among them and stays. On "no" they are handed back, in order. (A
+/// `queue.purge` would delete whatever the queue holds at the moment of the answer.)
 pub async fn purge(args: &PurgeArgs) -> Result<(), DlqError> {
     let queue = args.amqp.dead_letter_queue.as_str();
     let purged = with_link(&args.amqp, "blinger-worker dlq purge", async |link| {
@@ -1019,29 +1160,104 @@ pub async fn purge(args: &PurgeArgs) -> Result<(), DlqError> {
         if count == 0 {
             return Ok(0);
         }
-        if !args.yes {
-            confirm_on_terminal(queue, count).await?;
+        if !args.yes && !std::io::stdin().is_terminal() {
+            return Err(DlqError::NeedsYes {
+                queue: queue.to_owned(),
+                count,
+            });
         }
+        let bar = progress(Some(u64::from(count)), "reading");
+        let mut scan = Scan::start(&link.channel, &args.amqp, count).await?;
+        let now = SystemTime::now();
+        let mut held = PurgeSummary::default();
+        while let Some(delivery) = scan.next().await? {
+            bar.inc(1);
+            held.add(&DeadLetter::from_delivery(&delivery, now));
+        }
+        bar.finish_and_clear();
+        let Some(last) = scan.last_tag() else {
+            return Ok(0);
+        };
+        if !args.yes
+            && let Err(e) = confirm_on_terminal(queue, &held).await
+        {
+            scan.hand_back(&BTreeSet::new()).await?;
+            return Err(e);
+        }
+        // Exactly the deliveries held: every tag up to the last one taken.
         link.channel
-            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .basic_ack(last, BasicAckOptions { multiple: true })
             .await
-            .map_err(|e| DlqError::Amqp(AmqpError::Channel(e)))
+            .map_err(AmqpError::Channel)?;
+        ack_barrier(&link.channel, queue, scan.hold_all).await?;
+        Ok(held.count)
     })
     .await?;
     eprintln!("purged {purged} message(s) from {queue}");
     Ok(())
 }
 
+/// What a purge is about to delete, as the question shows it.
+#[derive(Debug, Default)]
+struct PurgeSummary {
+    count: u32,
+    /// Messages per reason, the first [`PurgeSummary::REASONS`] reasons seen; the rest under
+    /// `other` (reasons come from headers: their number is not bounded by anything else).
+    reasons: BTreeMap<String, u32>,
+    other: u32,
+    oldest_seconds: Option<u64>,
+}
+
+impl PurgeSummary {
+    const REASONS: usize = 8;
+
+    fn add(&mut self, dead: &DeadLetter) {
+        self.count += 1;
+        let reason = dead
+            .reason
+            .as_deref()
+            .map_or_else(|| "-".to_owned(), |r| clip(r, 30));
+        if let Some(n) = self.reasons.get_mut(&reason) {
+            *n += 1;
+        } else if self.reasons.len() < Self::REASONS {
+            self.reasons.insert(reason, 1);
+        } else {
+            self.other += 1;
+        }
+        self.oldest_seconds = self.oldest_seconds.max(dead.age_seconds);
+    }
+
+    /// E.g. `12 message(s): invalid 10, rejected 2; the oldest 3h old`.
+    fn describe(&self) -> String {
+        let mut parts: Vec<String> = self
+            .reasons
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        if self.other > 0 {
+            parts.push(format!("other {}", self.other));
+        }
+        let oldest = self
+            .oldest_seconds
+            .map(|s| format!("; the oldest {} old", human_age(Duration::from_secs(s))))
+            .unwrap_or_default();
+        format!("{} message(s): {}{oldest}", self.count, parts.join(", "))
+    }
+}
+
 /// Asks `[y/N]` on the terminal. Without a terminal there is nobody to ask: refuse.
-async fn confirm_on_terminal(queue: &str, count: u32) -> Result<(), DlqError> {
+async fn confirm_on_terminal(queue: &str, held: &PurgeSummary) -> Result<(), DlqError> {
     if !std::io::stdin().is_terminal() {
         return Err(DlqError::NeedsYes {
             queue: queue.to_owned(),
-            count,
+            count: held.count,
         });
     }
     let question = format!(
-        "Delete {count} dead-lettered message(s) from {queue}? This cannot be undone. [y/N] "
+        "{queue} holds {}.\nDelete these {} dead-lettered message(s)? Messages arriving from now on are \
+         not touched. This cannot be undone. [y/N] ",
+        held.describe(),
+        held.count
     );
     let answer = tokio::task::spawn_blocking(move || {
         eprint!("{question}");

@@ -12,6 +12,7 @@ pub mod dlq;
 pub mod publish;
 pub mod store_cmd;
 
+use std::borrow::Cow;
 use std::io::IsTerminal;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Confirmation, Connection};
 
 use crate::amqp::{self, AmqpError};
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, AmqpUrlError, amqp_uri};
 
 /// One connection with one channel, closed politely by [`Link::close`].
 pub(crate) struct Link {
@@ -30,17 +31,23 @@ pub(crate) struct Link {
 
 impl Link {
     /// Connects with the worker's settings. `confirm` puts the channel in publisher-confirm mode.
-    pub(crate) async fn open(
+    /// A malformed `AMQP_URL` is refused before connecting, by an error that quotes none of it.
+    pub(crate) async fn open<E: From<AmqpError> + From<AmqpUrlError>>(
         settings: &AmqpSettings,
         name: &str,
         confirm: bool,
-    ) -> Result<Link, AmqpError> {
+    ) -> Result<Link, E> {
+        amqp_uri(&settings.url)?;
         let connection = amqp::connect(settings, name).await?;
-        let channel = connection.create_channel().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(AmqpError::Channel)?;
         if confirm {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
-                .await?;
+                .await
+                .map_err(AmqpError::Channel)?;
         }
         Ok(Link {
             connection,
@@ -131,13 +138,78 @@ pub(crate) fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// Cuts `s` to at most `max` characters, marking the cut, and flattens line breaks so that one
-/// record stays on one table row.
+/// Whether `c` must not reach a terminal as it is: C0 and C1 controls and DEL (escape sequences,
+/// bells, backspaces, carriage returns that overwrite a line), Unicode bidirectional overrides,
+/// embeddings, isolates and marks (text displayed in another order than it reads), and the line
+/// and paragraph separators.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// `s` made safe for a terminal: every unsafe character written out as `\u{1b}`, except line
+/// breaks and tabs when `keep_lines` (a body's own layout). Text from a message (body, headers,
+/// properties) goes through this, or [`escape_json`], before it is printed.
+pub(crate) fn escape_text(s: &str, keep_lines: bool) -> Cow<'_, str> {
+    let keep = |c: char| keep_lines && (c == '\n' || c == '\t');
+    if !s.chars().any(|c| is_unsafe(c) && !keep(c)) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if is_unsafe(c) && !keep(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// JSON text made safe for a terminal, still the same JSON: serde_json escapes the C0 controls
+/// inside strings but writes DEL, the C1 controls and the bidirectional controls as they are;
+/// this writes those as `\uXXXX` escapes, which parse back to the same characters. (Outside
+/// strings JSON has no such characters, and its whitespace is left alone.)
+pub(crate) fn escape_json(json: &str) -> Cow<'_, str> {
+    let escape = |c: char| is_unsafe(c) && !matches!(c, '\n' | '\t' | '\r' | ' ');
+    if !json.chars().any(escape) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if escape(c) {
+            // Every unsafe character is in the Basic Multilingual Plane: one escape each.
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Cuts `s` to at most `max` characters, marking the cut, flattens line breaks so that one
+/// record stays on one table row, and escapes every other unsafe character ([`escape_text`]).
 pub(crate) fn clip(s: &str, max: usize) -> String {
     let flat: String = s
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if matches!(c, '\n' | '\r' | '\t') {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect();
+    let flat = escape_text(&flat, false).into_owned();
     match flat.char_indices().nth(max.saturating_sub(1)) {
         Some((cut, _)) if flat.chars().count() > max => format!("{}…", &flat[..cut]),
         _ => flat,
@@ -200,6 +272,27 @@ mod tests {
         assert_eq!(clip("0123456789abc", 10), "012345678…");
         assert_eq!(clip("a\nb", 10), "a b");
         assert_eq!(clip("ünïcödé!", 4), "ünï…");
+        assert_eq!(clip("a\u{1b}[2Jb", 20), "a\\u{1b}[2Jb");
+    }
+
+    #[test]
+    fn escapes_terminal_controls_and_keeps_json_json() {
+        let hostile = "a\u{1b}]0;t\u{7}b\rc\u{7f}d\u{9b}e\u{202e}f\ng\th";
+        assert_eq!(
+            escape_text(hostile, false),
+            "a\\u{1b}]0;t\\u{7}b\\u{d}c\\u{7f}d\\u{9b}e\\u{202e}f\\u{a}g\\u{9}h"
+        );
+        assert_eq!(
+            escape_text(hostile, true),
+            "a\\u{1b}]0;t\\u{7}b\\u{d}c\\u{7f}d\\u{9b}e\\u{202e}f\ng\th"
+        );
+        assert!(matches!(escape_text("plain ünï", false), Cow::Borrowed(_)));
+        let json =
+            serde_json::to_string_pretty(&serde_json::json!({ hostile: [hostile] })).unwrap();
+        let safe = escape_json(&json);
+        assert!(safe.chars().all(|c| !is_unsafe(c) || c == '\n'), "{safe}");
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, serde_json::json!({ hostile: [hostile] }));
     }
 
     #[test]

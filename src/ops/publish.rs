@@ -118,6 +118,8 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 pub enum PublishError {
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Url(#[from] crate::config::AmqpUrlError),
     #[error("{0}")]
     Usage(String),
     #[error("invalid job, not published: {0}")]
@@ -169,7 +171,7 @@ pub async fn run(args: &PublishArgs) -> Result<Summary, PublishError> {
         Some(job_from_flags(args)?)
     };
 
-    let link = Link::open(&args.amqp, "blinger-worker publish", true).await?;
+    let link = Link::open::<PublishError>(&args.amqp, "blinger-worker publish", true).await?;
     let result = async {
         topology::declare(&link.channel, &args.amqp, &Topology::new(&args.amqp))
             .await

@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use super::human_bytes;
+use super::{clip, escape_json, human_bytes};
 use crate::config::parse_duration;
 use crate::store::{Delivered, Store, StoreError};
 
@@ -221,10 +221,10 @@ async fn ask_running_worker(args: &StoreArgs, dir: String) -> Result<(), StoreCm
                 record,
             })
         }
-        (StoreCommand::Stats { .. }, 200) => print_text(&format!("{body}\n")),
+        (StoreCommand::Stats { .. }, 200) => print_text(&format!("{}\n", escape_json(&body))),
         (_, code) => Err(StoreCmdError::Store(format!(
             "the running worker at {host} answered {code}: {}",
-            body.trim()
+            clip(body.trim(), 200)
         ))),
     }
 }
@@ -254,7 +254,8 @@ fn rfc3339_ms(ms: u64) -> Option<String> {
 fn print_json<T: Serialize>(value: &T) -> Result<(), StoreCmdError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| StoreCmdError::Output(std::io::Error::other(e)))?;
-    print_text(&format!("{text}\n"))
+    // A record holds what Blinger answered: no terminal control of it gets through.
+    print_text(&format!("{}\n", escape_json(&text)))
 }
 
 fn print_text(text: &str) -> Result<(), StoreCmdError> {
