@@ -189,7 +189,7 @@ impl Worker {
         );
 
         let mut next_session = Some(first_session);
-        let mut reconnect_delay = Duration::from_millis(500);
+        let mut reconnect = Reconnect::default();
         loop {
             let session = match next_session.take() {
                 Some(session) => session,
@@ -204,25 +204,33 @@ impl Worker {
                                 session
                             }
                             Err(e) => {
-                                warn!(error = %e, retry_in = ?reconnect_delay, "RabbitMQ unavailable");
+                                let delay = reconnect.next_delay();
+                                warn!(error = %e, retry_in = ?delay, "RabbitMQ unavailable");
                                 tokio::select! {
                                     _ = shutdown.cancelled() => break,
-                                    _ = tokio::time::sleep(reconnect_delay) => {}
+                                    _ = tokio::time::sleep(delay) => {}
                                 }
-                                reconnect_delay = (reconnect_delay * 2).min(RECONNECT_CAP);
                                 continue;
                             }
                         }
                     }
                 }
             };
-            reconnect_delay = Duration::from_millis(500);
+            let started = tokio::time::Instant::now();
             let ended = consume(&settings, &session, &dispatcher, &health, &shutdown).await;
             match ended {
                 Ended::Lost(reason) => {
                     health.set_amqp_connected(false);
-                    warn!(%reason, "lost RabbitMQ; reconnecting (unacked jobs will be redelivered)");
+                    reconnect.session_ended(started.elapsed());
+                    let delay = reconnect.next_delay();
+                    warn!(%reason, retry_in = ?delay, "lost RabbitMQ; reconnecting (unacked jobs will be redelivered)");
                     session.close().await;
+                    // Also after a session that failed at once (basic.consume refused): never a
+                    // connection storm against the broker.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                 }
                 Ended::Shutdown(link) => {
                     drain(&settings, &pipeline, &dispatcher, &stopping).await;
@@ -370,6 +378,44 @@ async fn drain(
     }
 }
 
+/// First wait before reconnecting.
+const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+/// A session that consumed this long was healthy: the next loss starts the backoff over.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
+/// The reconnect backoff: 0.5 s doubling to [`RECONNECT_CAP`], across failed connects and
+/// sessions lost soon after they opened; it starts over only after a session that consumed for
+/// [`HEALTHY_SESSION`]. (Resetting at every successful open let a broker that accepts the
+/// connection but refuses `basic.consume` be hammered without a pause.)
+#[derive(Debug)]
+struct Reconnect {
+    delay: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            delay: RECONNECT_FIRST,
+        }
+    }
+}
+
+impl Reconnect {
+    /// The wait before the next attempt; the one after it is longer.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.delay;
+        self.delay = (self.delay * 2).min(RECONNECT_CAP);
+        delay
+    }
+
+    /// A session ended after consuming for `lasted`.
+    fn session_ended(&mut self, lasted: Duration) {
+        if lasted >= HEALTHY_SESSION {
+            self.delay = RECONNECT_FIRST;
+        }
+    }
+}
+
 /// Longest wait between two connection attempts. Short: the worker is back within seconds of
 /// the broker (a 30 s cap measured up to 16 s of extra downtime after a 16 s broker restart in
 /// docs/reliability.md), and a few connection attempts a second are nothing to a broker.
@@ -395,4 +441,22 @@ async fn prune_forever(store: Store, retention: Duration, stop: CancellationToke
 fn connection_name() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     format!("blinger-worker@{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_over_only_after_a_healthy_session() {
+        let mut r = Reconnect::default();
+        let ms = |r: &mut Reconnect| r.next_delay().as_millis();
+        assert_eq!([ms(&mut r), ms(&mut r), ms(&mut r)], [500, 1000, 2000]);
+        // A session that opened but was lost at once (basic.consume refused): no reset.
+        r.session_ended(Duration::from_millis(5));
+        assert_eq!([ms(&mut r), ms(&mut r), ms(&mut r)], [4000, 5000, 5000]);
+        // One that consumed for a while: the next loss is retried soon again.
+        r.session_ended(HEALTHY_SESSION);
+        assert_eq!(ms(&mut r), 500);
+    }
 }
