@@ -96,6 +96,20 @@ impl Chains {
         seq
     }
 
+    /// Member `seq` of `conversation` is no longer out: it came back and left in another way
+    /// than being sent or parked (a duplicate, expired, a conflict), or the republish that would
+    /// have sent it out was not confirmed. Without this, a member that is not out would hold up
+    /// its conversation, or stay in memory for good.
+    pub fn leave(&self, conversation: &str, seq: u64) {
+        let mut chains = self.chains.lock().expect("chains lock");
+        if let Some(out) = chains.get_mut(conversation) {
+            out.remove(&seq);
+            if out.is_empty() {
+                chains.remove(conversation);
+            }
+        }
+    }
+
     fn new_seq(&self) -> u64 {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
@@ -156,6 +170,28 @@ mod tests {
         // Other conversations are never affected.
         c.parked("x", None, 0, t37);
         assert_eq!(c.route("y", None, t37), Route::Send);
+    }
+
+    #[test]
+    fn a_member_that_leaves_otherwise_holds_nothing_up() {
+        let c = Chains::new(tiers());
+        let t0 = Instant::now();
+        // Parked, but its republish was refused: it never went out.
+        let a = c.parked("x", None, 0, t0);
+        c.leave("x", a);
+        assert_eq!(c.route("x", None, t0), Route::Send, "no phantom member");
+        assert!(c.is_empty());
+        // A member that comes back as a duplicate (or expired) is not sent, and leaves.
+        let b = c.parked("y", None, 0, t0);
+        c.leave("y", b);
+        assert!(c.is_empty(), "nothing kept for the conversation");
+        // Leaving keeps the other members.
+        let d = c.parked("z", None, 0, t0);
+        let Route::Follow { seq: e, .. } = c.route("z", None, t0) else {
+            panic!("e follows d")
+        };
+        c.leave("z", d);
+        assert_eq!(c.route("z", Some(e), t0), Route::Send);
     }
 
     #[test]

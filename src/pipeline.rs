@@ -167,6 +167,13 @@ impl Pipeline {
         self.metrics.jobs_in_flight.inc();
         let outcome = self.process_inner(&work, keyless).await;
         self.metrics.jobs_in_flight.dec();
+        // A chain member that came back and left without being routed (a duplicate, expired,
+        // a conflict) is no longer out.
+        if let (Ok(job), Some(seq)) = (&work.job, work.trail.chain)
+            && matches!(outcome, Outcome::Duplicate | Outcome::DeadLettered(_))
+        {
+            self.chains.leave(&job.conversation_id, seq);
+        }
         outcome
     }
 
@@ -586,6 +593,11 @@ impl Pipeline {
         let queue = &self.topology.tiers[tier];
         let properties = self.outgoing(work, extra);
         if !self.republish(work, queue, properties).await {
+            // It did not go out: no member of the chain under this sequence (it comes back with
+            // the one it had, if any).
+            if let Some(seq) = trail.chain.filter(|s| Some(*s) != work.trail.chain) {
+                self.chains.leave(&job.conversation_id, seq);
+            }
             return Outcome::HandedBack;
         }
         self.ack(work);
