@@ -55,7 +55,7 @@ ensure_rabbitmq() {
   fi
   if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
     log "starting RabbitMQ in Docker (rabbitmq:4.1-management)"
-    docker run -d --rm --name blinger-worker-rabbitmq -p 5672:5672 -p 15672:15672 \
+    docker run -d --rm --name blinger-worker-rabbitmq -p 5672:5672 -p 15672:15672 -p 15692:15692 \
       rabbitmq:4.1-management >/dev/null
     wait_amqp || die "RabbitMQ in Docker did not come up"
     # The port opens before the broker accepts logins.
@@ -196,6 +196,9 @@ rabbitmq4_configure() {
 ensure_rabbitmq4() {
   local host port
   read -r host port < <(AMQP_URL=$AMQP_URL_4 amqp_host_port)
+  if docker ps --format '{{.Names}}' 2>/dev/null | grep -qx blinger-worker-rabbitmq4; then
+    RABBITMQ4_DOCKER=1
+  fi
   if ! port_open "$host" "$port"; then
     if [ ! -x "$RABBITMQ4_ROOT/usr/lib/rabbitmq/bin/rabbitmq-server" ] \
       && command -v docker >/dev/null && docker info >/dev/null 2>&1; then
@@ -263,4 +266,37 @@ while i < len(table):
     else:
         break
 PY
+}
+
+# rabbitmq_prometheus on the host's broker (port 15692), enabled once (the setting persists).
+ensure_rabbitmq_prometheus() {
+  port_open 127.0.0.1 "$RABBITMQ_PROMETHEUS_PORT" && return 0
+  if command -v rabbitmq-plugins >/dev/null; then
+    log "enabling rabbitmq_prometheus on the host's RabbitMQ (port $RABBITMQ_PROMETHEUS_PORT)"
+    as_root rabbitmq-plugins -q enable rabbitmq_prometheus >/dev/null
+  elif docker ps --format '{{.Names}}' 2>/dev/null | grep -qx blinger-worker-rabbitmq; then
+    docker exec blinger-worker-rabbitmq rabbitmq-plugins -q enable rabbitmq_prometheus >/dev/null
+  fi
+  for _ in $(seq 1 30); do port_open 127.0.0.1 "$RABBITMQ_PROMETHEUS_PORT" && return 0; sleep 1; done
+  die "rabbitmq_prometheus does not answer on 127.0.0.1:$RABBITMQ_PROMETHEUS_PORT"
+}
+
+# A rabbitmqctl command line (for scripts that take one) for the 3.10 and the 4 broker.
+rabbitmq_ctl_cmd() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo "
+  if docker ps --format '{{.Names}}' 2>/dev/null | grep -qx blinger-worker-rabbitmq; then
+    echo "docker exec blinger-worker-rabbitmq rabbitmqctl"
+  else
+    echo "${sudo}rabbitmqctl"
+  fi
+}
+rabbitmq4_ctl_cmd() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo "
+  if [ -n "${RABBITMQ4_DOCKER:-}" ]; then
+    echo "docker exec blinger-worker-rabbitmq4 rabbitmqctl"
+  else
+    echo "${sudo}chroot $RABBITMQ4_ROOT env HOME=/var/lib/rabbitmq rabbitmqctl -n $RABBITMQ4_NODE"
+  fi
 }
