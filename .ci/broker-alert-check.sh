@@ -14,13 +14,14 @@
 #
 # Env: AMQP_URL (the broker), BROKER_LABEL (e.g. "RabbitMQ 4.0.5", for messages), BROKER_CTL (a
 # rabbitmqctl command line for that broker, to delete the check's queues at the end; optional),
-# BIN (directory of blinger-worker and blinger-sandbox, default target/debug), PROM_PORT (9098).
+# BIN (directory of blinger-worker and blinger-sandbox, default $CARGO_TARGET_DIR/debug or
+# target/debug), PROM_PORT (9098).
 # Needs: prometheus, promtool, curl, python3. Everything listens on 127.0.0.1 only.
 set -euo pipefail
 
 broker_prom=${1:?usage: $0 BROKER_PROMETHEUS_HOST:PORT (rabbitmq_prometheus, e.g. 127.0.0.1:15692)}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin=${BIN:-$root/target/debug}
+bin=${BIN:-${CARGO_TARGET_DIR:-$root/target}/debug}
 label=${BROKER_LABEL:-RabbitMQ at $broker_prom}
 prom_port=${PROM_PORT:-9098}
 api="http://127.0.0.1:${prom_port}"
