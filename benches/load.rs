@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo bench --bench load -- --jobs 100000
+//! cargo bench --bench load -- --amqp-url amqp://guest:guest@127.0.0.1:5673/%2f   # another broker
 //! cargo bench --bench load -- --jobs 5000 --queue-types classic --no-sweep   # a quick run
 //! ```
 //!
@@ -56,6 +57,13 @@ const TEXT: &str = "Hello! Your order #10482 has shipped and should arrive on Th
 #[derive(Parser, Debug, Clone)]
 #[command(about = "End-to-end load benchmark of blinger-worker")]
 struct Args {
+    /// The broker to measure against (its version is read from the connection and reported).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
     /// Jobs per run of (a), (b) and (c).
     #[arg(long, default_value_t = 100_000)]
     jobs: usize,
@@ -112,8 +120,49 @@ struct Args {
     bench: bool,
 }
 
+static AMQP_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `--amqp-url` (or `AMQP_URL`); the ceiling child gets it through `AMQP_URL`.
 fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    AMQP_URL.get().expect("set in main").clone()
+}
+
+/// Host and port of the broker's AMQP listener.
+fn amqp_addr() -> (String, u16) {
+    let url = url::Url::parse(&amqp_url()).expect("AMQP URL");
+    let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
+    (host, url.port().unwrap_or(5672))
+}
+
+/// The version the broker announces in connection.start (lapin does not expose it).
+fn broker_version() -> String {
+    use std::io::Read;
+    let (host, port) = amqp_addr();
+    let read = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect((host.as_str(), port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"AMQP\x00\x00\x09\x01")?;
+        let mut buf = vec![0u8; 8192];
+        let mut len = 0;
+        let key = b"\x07versionS";
+        loop {
+            let n = s.read(&mut buf[len..])?;
+            if n == 0 || len + n == buf.len() {
+                return Ok("unknown".into());
+            }
+            len += n;
+            if let Some(at) = buf[..len].windows(key.len()).position(|w| w == key) {
+                let at = at + key.len();
+                if len >= at + 4 {
+                    let n = u32::from_be_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                    if len >= at + 4 + n {
+                        return Ok(String::from_utf8_lossy(&buf[at + 4..at + 4 + n]).into_owned());
+                    }
+                }
+            }
+        }
+    };
+    read().unwrap_or_else(|_| "unknown".into())
 }
 
 fn now_ms() -> u64 {
@@ -154,6 +203,7 @@ struct ChildReport {
 
 fn main() {
     let args = Args::parse();
+    AMQP_URL.set(args.amqp_url.clone()).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -225,14 +275,57 @@ fn vm_hwm_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The broker's Erlang VM, if it runs on this machine (read only: its CPU time).
+/// The broker's Erlang VM, if it runs on this machine (read only: its CPU time): the `beam.smp`
+/// that holds the listening socket of the AMQP port (several brokers may run here), else the only
+/// `beam.smp`.
 fn broker_pid() -> Option<String> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let name = e.file_name().into_string().ok()?;
-        name.parse::<u32>().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim() == "beam.smp").then_some(name)
-    })
+    let beams: Vec<PathBuf> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+                && std::fs::read_to_string(e.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "beam.smp")
+        })
+        .map(|e| e.path())
+        .collect();
+    let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+    let port = amqp_addr().1;
+    // Inodes of sockets listening (state 0A) on the port, from /proc/net/tcp{,6}.
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f.get(3) == Some(&"0A") {
+                if let Some(inode) = f.get(9) {
+                    inodes.push(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    let listens = |pid: &PathBuf| {
+        std::fs::read_dir(pid.join("fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+            })
+        })
+    };
+    match beams.iter().find(|p| listens(p)) {
+        Some(p) => Some(name(p)),
+        None if beams.len() == 1 => Some(name(&beams[0])),
+        None => None,
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -778,8 +871,11 @@ fn print_table(title: &str, rows: &[Row]) {
 async fn run(args: Args) {
     let tck = clk_tck();
     let began = Instant::now();
+    let version = broker_version();
+    let (host, port) = amqp_addr();
     eprintln!(
-        "loadbench: {} jobs per run, queue types {:?}, prefetch {}, worker {WORKER}",
+        "loadbench: RabbitMQ {version} at {host}:{port}, {} jobs per run, queue types {:?}, \
+         prefetch {}, worker {WORKER}",
         args.jobs, args.queue_types, args.prefetch
     );
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -923,7 +1019,7 @@ async fn run(args: Args) {
     let _ = conn.close(200, "done".into()).await;
 
     println!(
-        "\n## blinger-worker load benchmark\n\n{} jobs per run, prefetch {}, worker concurrency {}, {} conversations, receipts {}{}; total wall time {:.0} s",
+        "\n## blinger-worker load benchmark\n\nRabbitMQ {version} at {host}:{port}; {} jobs per run, prefetch {}, worker concurrency {}, {} conversations, receipts {}{}; total wall time {:.0} s",
         args.jobs,
         args.prefetch,
         args.concurrency,
@@ -949,6 +1045,7 @@ async fn run(args: Args) {
     }
     if let Some(path) = &args.json {
         let json = serde_json::json!({
+            "broker_version": version, "broker": format!("{host}:{port}"),
             "jobs": args.jobs, "prefetch": args.prefetch, "concurrency": args.concurrency,
             "conversations": args.conversations, "receipts": args.receipts,
             "rows": main_rows, "ratios": ratios, "sweep": sweep_rows,

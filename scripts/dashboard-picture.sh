@@ -25,7 +25,7 @@ source scripts/lib.sh
 load_seconds=${LOAD_SECONDS:-210}
 outage_seconds=${OUTAGE_SECONDS:-0}
 out=${OUT:-docs/dashboard.png}
-bin=target/debug
+bin=${CARGO_TARGET_DIR:-target}/debug
 venv=target/dash-venv
 run=target/dash-run
 prefix=dash.blinger.outbound

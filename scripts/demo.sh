@@ -27,7 +27,7 @@ trap cleanup EXIT
 ensure_rabbitmq
 log "building blinger-worker and blinger-sandbox"
 cargo build -q --bins
-bin=target/debug
+bin=${CARGO_TARGET_DIR:-target}/debug
 
 if [ -n "${BLINGER_API_URL:-}" ] && [ -n "${BLINGER_API_TOKEN:-}" ]; then
   log "using the Blinger account at $BLINGER_API_URL"

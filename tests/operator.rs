@@ -545,7 +545,12 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains(&ids[2]) && stdout(&out).contains(&ids[5]));
+    assert!(
+        stdout(&out).contains(&ids[2]) && stdout(&out).contains(&ids[5]),
+        "replay shows both: stdout {:?} stderr {:?}",
+        stdout(&out),
+        stderr(&out)
+    );
     let replayed = take_all(&env, &env.names.queue).await;
     assert_eq!(ids_of(&replayed), pick(&ids, &[2, 5]), "in DLQ order");
     assert_eq!(replayed[0].routing_key, "send-file");

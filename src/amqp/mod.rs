@@ -78,7 +78,7 @@ impl Session {
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        topology::declare(&publish, settings, topology)
+        topology::declare_upgrading(&connection, &publish, settings, topology)
             .await
             .map_err(AmqpError::Declare)?;
         Ok(Session {

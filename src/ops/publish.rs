@@ -173,9 +173,14 @@ pub async fn run(args: &PublishArgs) -> Result<Summary, PublishError> {
 
     let link = Link::open::<PublishError>(&args.amqp, "blinger-worker publish", true).await?;
     let result = async {
-        topology::declare(&link.channel, &args.amqp, &Topology::new(&args.amqp))
-            .await
-            .map_err(AmqpError::Declare)?;
+        topology::declare_upgrading(
+            &link.connection,
+            &link.channel,
+            &args.amqp,
+            &Topology::new(&args.amqp),
+        )
+        .await
+        .map_err(AmqpError::Declare)?;
         let mut out = Publisher::new(&link.channel, &args.amqp.exchange, args.window as usize);
         match single {
             Some((id, kind, body)) => {

@@ -5,6 +5,12 @@
 //! under its own name, ports and directories (as the `rabbitmq` user, sharing its Erlang cookie so
 //! `rabbitmqctl -n NODE` reaches it), and stops and restarts only that node. Its data directory
 //! survives restarts, so durable queues and persistent messages do too: a real broker restart.
+//!
+//! With `RELIABILITY_RABBITMQ_ROOT` set to the RabbitMQ 4 root of `scripts/lib.sh`
+//! (`ensure_rabbitmq4`: a Debian 13 root with its `rabbitmq-server`), the node is started from
+//! that root under `chroot` instead, so the scenarios test the broker version of the run
+//! (`scripts/test.sh` sets it for the RabbitMQ 4 pass). Its directory is then under the root's
+//! `/tmp`, and `rabbitmqctl` is the root's.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -13,6 +19,34 @@ use std::time::{Duration, Instant};
 use super::harness::free_port;
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+/// The root the node runs from (`RELIABILITY_RABBITMQ_ROOT`), or `None` for the host's package.
+fn chroot() -> Option<PathBuf> {
+    std::env::var_os("RELIABILITY_RABBITMQ_ROOT")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// `path` (absolute, as the node sees it) on the host.
+fn host_path(path: &str) -> PathBuf {
+    match chroot() {
+        Some(root) => root.join(path.trim_start_matches('/')),
+        None => PathBuf::from(path),
+    }
+}
+
+/// `rabbitmqctl` of the node's installation: the host's, or the root's through `chroot`.
+fn rabbitmqctl() -> Command {
+    match chroot() {
+        Some(root) => {
+            let mut c = Command::new("chroot");
+            c.arg(root)
+                .args(["env", "HOME=/var/lib/rabbitmq", "rabbitmqctl"]);
+            c
+        }
+        None => Command::new("rabbitmqctl"),
+    }
+}
 
 pub struct PrivateBroker {
     pub node: String,
@@ -31,6 +65,17 @@ fn is_root() -> bool {
 }
 
 fn rabbitmq_ids() -> (u32, u32) {
+    if chroot().is_some() {
+        // The root's own user database.
+        let passwd = std::fs::read_to_string(host_path("/etc/passwd")).expect("the root's passwd");
+        let fields: Vec<&str> = passwd
+            .lines()
+            .find(|l| l.starts_with("rabbitmq:"))
+            .expect("the rabbitmq user exists in the root")
+            .split(':')
+            .collect();
+        return (fields[2].parse().unwrap(), fields[3].parse().unwrap());
+    }
     let id = |flag: &str| -> u32 {
         let out = Command::new("id")
             .args([flag, "rabbitmq"])
@@ -47,10 +92,12 @@ fn rabbitmq_ids() -> (u32, u32) {
 impl PrivateBroker {
     /// Whether a private node can be started here: the Debian package and root.
     pub fn available() -> Result<(), String> {
-        if !std::path::Path::new(SERVER).exists() {
+        if !host_path(SERVER).exists() {
             return Err(format!(
-                "{SERVER} not found: this scenario starts a private RabbitMQ node and needs the \
-                 Debian package rabbitmq-server (scripts/test.sh installs it)"
+                "{} not found: this scenario starts a private RabbitMQ node and needs the \
+                 Debian package rabbitmq-server (scripts/test.sh installs it), or the RabbitMQ 4 \
+                 root of RELIABILITY_RABBITMQ_ROOT (scripts/lib.sh ensure_rabbitmq4)",
+                host_path(SERVER).display()
             ));
         }
         if !is_root() {
@@ -65,7 +112,11 @@ impl PrivateBroker {
             panic!("{e}");
         }
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
-        let dir = std::env::temp_dir().join(format!("blrel-{tag}-{suffix}"));
+        // Under /tmp as the node sees it (the host's temp dir, or the root's /tmp).
+        let dir = match chroot() {
+            Some(_) => host_path(&format!("/tmp/blrel-{tag}-{suffix}")),
+            None => std::env::temp_dir().join(format!("blrel-{tag}-{suffix}")),
+        };
         std::fs::create_dir_all(dir.join("mnesia")).unwrap();
         std::fs::create_dir_all(dir.join("log")).unwrap();
         let port = free_port();
@@ -102,7 +153,7 @@ impl PrivateBroker {
 
     /// `rabbitmqctl -n NODE args...`.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new("rabbitmqctl")
+        rabbitmqctl()
             .arg("-n")
             .arg(&self.node)
             .args(args)
@@ -117,8 +168,21 @@ impl PrivateBroker {
         let out = std::fs::File::create(self.dir.join(format!("server-{}.out", self.starts)))
             .expect("server log");
         let err = out.try_clone().unwrap();
-        let d = |p: &str| self.dir.join(p).display().to_string();
-        let child = Command::new("runuser")
+        // The directory as the node sees it.
+        let node_dir = match chroot() {
+            Some(root) => PathBuf::from("/").join(self.dir.strip_prefix(&root).unwrap()),
+            None => self.dir.clone(),
+        };
+        let d = |p: &str| node_dir.join(p).display().to_string();
+        let mut command = match chroot() {
+            Some(root) => {
+                let mut c = Command::new("chroot");
+                c.arg(root).arg("runuser");
+                c
+            }
+            None => Command::new("runuser"),
+        };
+        let child = command
             .args(["-u", "rabbitmq", "--", "env"])
             .arg("HOME=/var/lib/rabbitmq")
             .arg(format!("RABBITMQ_NODENAME={}", self.node))
@@ -133,7 +197,7 @@ impl PrivateBroker {
             ))
             .arg(format!("RABBITMQ_PID_FILE={}", d("pid")))
             .arg(SERVER)
-            .current_dir("/var/lib/rabbitmq")
+            .current_dir(host_path("/var/lib/rabbitmq"))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -145,7 +209,7 @@ impl PrivateBroker {
         loop {
             let node = node.clone();
             let ok = tokio::task::spawn_blocking(move || {
-                Command::new("rabbitmqctl")
+                rabbitmqctl()
                     .args(["-n", &node, "-q", "await_startup", "--timeout", "30"])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -180,7 +244,7 @@ impl PrivateBroker {
         let started = Instant::now();
         let node = self.node.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            Command::new("rabbitmqctl")
+            rabbitmqctl()
                 .args(["-n", &node, "-q", "stop"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -226,7 +290,7 @@ impl PrivateBroker {
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("rabbitmqctl")
+            let _ = rabbitmqctl()
                 .args(["-n", &self.node, "-q", "stop"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
