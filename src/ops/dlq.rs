@@ -5,8 +5,9 @@
 //! connection closing, if the command fails or dies), so `list` and `show` leave the queue as
 //! they found it, in the same order. With quorum
 //! queues the broker counts each hand-back as a delivery (`x-delivery-count`); that is harmless
-//! only as long as the dead-letter queue has no delivery limit (the topology sets none; a broker
-//! whose policies or defaults impose one would drop messages after that many readings).
+//! only as long as the dead-letter queue's delivery limit is out of reach: the topology declares
+//! it with `x-delivery-limit` 2147483647, since RabbitMQ 4.0 would otherwise impose 20 (a
+//! queue declared by an earlier version keeps its arguments: see docs/deploy.md for the policy).
 //!
 //! Order needs care with quorum queues: a handed-back message joins the *end* of the queue's
 //! backlog of earlier hand-backs, so giving back only the head of a queue that was listed before
