@@ -239,15 +239,7 @@ async fn another_users_user_id_costs_nothing() {
         p,
     )
     .await;
-    assert!(
-        eventually(Duration::from_secs(10), || worker
-            .metrics
-            .jobs_retried
-            .with_label_values(&["send-text"])
-            .get()
-            >= 1)
-        .await
-    );
+    assert!(eventually(Duration::from_secs(10), || worker.retried("send-text") >= 1).await);
     env.sandbox.update(|c| c.status_override = None);
     assert!(
         eventually(Duration::from_secs(15), || accepted_texts(
@@ -355,12 +347,7 @@ async fn forged_retries_do_not_skip_the_retry_round() {
     let job = text_job("c-retry", "0");
     publish_with(&env, "send-text", job.to_string().as_bytes(), job_props(h)).await;
     assert!(
-        eventually(Duration::from_secs(10), || worker
-            .metrics
-            .jobs_retried
-            .with_label_values(&["send-text"])
-            .get()
-            >= 1
+        eventually(Duration::from_secs(10), || worker.retried("send-text") >= 1
             || env_dead(&env) > 0)
         .await
     );
@@ -389,13 +376,7 @@ async fn a_forged_chain_does_not_overtake() {
         .await;
     env.publish(&text_job("c-chain", "first")).await;
     assert!(
-        eventually(Duration::from_secs(10), || worker
-            .metrics
-            .jobs_retried
-            .with_label_values(&["send-text"])
-            .get()
-            >= 1)
-        .await,
+        eventually(Duration::from_secs(10), || worker.retried("send-text") >= 1).await,
         "the first job is parked"
     );
     env.sandbox.update(|c| c.status_override = None);

@@ -132,13 +132,7 @@ async fn a_probe_that_gets_another_answer_steps_down() {
     env.sandbox.update(|c| c.status_override = Some(503));
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     assert!(
-        eventually(Duration::from_secs(20), || worker
-            .metrics
-            .jobs_retried
-            .with_label_values(&["send-text"])
-            .get()
-            >= 1)
-        .await,
+        eventually(Duration::from_secs(20), || worker.retried("send-text") >= 1).await,
         "the job was not parked: still probing"
     );
     assert!(!worker.health.is_paused());

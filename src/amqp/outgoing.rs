@@ -174,15 +174,6 @@ fn encoded_len(value: &AMQPValue, depth: usize) -> Option<usize> {
     })
 }
 
-/// The encoded size of a whole header table (for tests and the frame check).
-pub fn headers_len(properties: &BasicProperties) -> usize {
-    properties
-        .headers()
-        .as_ref()
-        .map(|t| encoded_len(&AMQPValue::FieldTable(t.clone()), 0).unwrap_or(usize::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +182,15 @@ mod tests {
 
     fn ls(s: &str) -> AMQPValue {
         AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+    }
+
+    /// The encoded size of a whole header table.
+    fn headers_len(properties: &BasicProperties) -> usize {
+        properties
+            .headers()
+            .as_ref()
+            .map(|t| encoded_len(&AMQPValue::FieldTable(t.clone()), 0).unwrap_or(usize::MAX))
+            .unwrap_or(0)
     }
 
     fn hostile() -> BasicProperties {

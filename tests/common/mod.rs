@@ -438,6 +438,11 @@ impl RunningWorker {
             .sum()
     }
 
+    /// Retries counted for `kind` (in-process retries and parks in a delay tier).
+    pub fn retried(&self, kind: &str) -> u64 {
+        self.metrics.jobs_retried.with_label_values(&[kind]).get()
+    }
+
     pub fn dead(&self, kind: &str, reason: &str) -> u64 {
         self.metrics
             .jobs_dead_lettered
