@@ -24,8 +24,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blinger_worker::amqp::Topology;
 use blinger_worker::amqp::acks::Acks;
+use blinger_worker::amqp::{Republisher, Topology};
 use blinger_worker::blinger::Client;
 use blinger_worker::config::{AmqpSettings, Secret, TokenSource};
 use blinger_worker::dispatch::Dispatcher;
@@ -364,7 +364,9 @@ fn world(rt: &tokio::runtime::Runtime, api: &str) -> World {
 }
 
 /// One channel to the broker, only to build `SessionLink`s (never used for traffic).
-fn channel(rt: &tokio::runtime::Runtime) -> Option<(lapin::Connection, lapin::Channel)> {
+fn channel(
+    rt: &tokio::runtime::Runtime,
+) -> Option<(lapin::Connection, lapin::Channel, Arc<Republisher>)> {
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     rt.block_on(async {
@@ -376,7 +378,8 @@ fn channel(rt: &tokio::runtime::Runtime) -> Option<(lapin::Connection, lapin::Ch
         .ok()?
         .ok()?;
         let channel = conn.create_channel().await.ok()?;
-        Some((conn, channel))
+        let republisher = Republisher::open(&conn, 1).await.ok()?;
+        Some((conn, channel, Arc::new(republisher)))
     })
 }
 
@@ -404,7 +407,7 @@ fn deliveries(n: usize, conversations: usize) -> Vec<Delivery> {
 
 fn dispatch(c: &mut Criterion) {
     let rt = runtime();
-    let Some((conn, channel)) = channel(&rt) else {
+    let Some((conn, channel, republisher)) = channel(&rt) else {
         eprintln!("dispatch, pipeline: skipped (no RabbitMQ at AMQP_URL to build a SessionLink)");
         return;
     };
@@ -414,6 +417,7 @@ fn dispatch(c: &mut Criterion) {
     let w = world(&rt, "http://127.0.0.1:9/api/external/v1");
     let dead = Arc::new(SessionLink {
         publish: channel.clone(),
+        republisher: republisher.clone(),
         alive: CancellationToken::new(),
         acks: Acks::new(channel.clone()),
         header_budget: blinger_worker::amqp::outgoing::DEFAULT_HEADER_BUDGET,
@@ -469,6 +473,7 @@ fn dispatch(c: &mut Criterion) {
     let w = world(&rt, &sandbox.base_url());
     let live = Arc::new(SessionLink {
         publish: channel.clone(),
+        republisher: republisher.clone(),
         alive: CancellationToken::new(),
         acks: Acks::new(channel.clone()),
         header_budget: blinger_worker::amqp::outgoing::DEFAULT_HEADER_BUDGET,

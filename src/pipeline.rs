@@ -57,7 +57,10 @@ const MAX_ERROR_CHARS: usize = 1000;
 /// The channel a delivery came in on, and whether it is still open. Acks and republishes of a
 /// delivery go through its own session: once that session is gone, the broker will redeliver.
 pub struct SessionLink {
+    /// Receipts.
     pub publish: Channel,
+    /// Delay-tier and dead-letter republishes, each confirm exactly its own.
+    pub republisher: Arc<amqp::Republisher>,
     pub alive: CancellationToken,
     /// Acks of the deliveries of this session, batched.
     pub acks: Acks,
@@ -598,7 +601,7 @@ impl Pipeline {
             if let Some(seq) = trail.chain.filter(|s| Some(*s) != work.trail.chain) {
                 self.chains.leave(&job.conversation_id, seq);
             }
-            return Outcome::HandedBack;
+            return self.hand_back(work).await;
         }
         self.ack(work);
         if failure.is_some() {
@@ -645,7 +648,7 @@ impl Pipeline {
         let properties = self.outgoing(work, extra);
         let queue = self.topology.dead_letter_queue.clone();
         if !self.republish(work, &queue, properties).await {
-            return Outcome::HandedBack;
+            return self.hand_back(work).await;
         }
         self.receipt(work, receipts::Outcome::DeadLettered, Some(reason), |r| {
             r.http_status = status;
@@ -667,8 +670,8 @@ impl Pipeline {
         Outcome::DeadLettered(reason)
     }
 
-    /// Publishes a copy of the delivery to `queue` and waits for the confirm. On repeated
-    /// failure the delivery is handed back (nack with requeue) so it is not held forever.
+    /// Publishes a copy of the delivery to `queue` and waits for its confirm, trying three
+    /// times. False if it did not go out (the caller hands the delivery back).
     async fn republish(
         &self,
         work: &Work,
@@ -680,21 +683,26 @@ impl Pipeline {
             if work.session.alive.is_cancelled() {
                 return false;
             }
-            let published = amqp::publish_confirmed(
-                &work.session.publish,
-                "",
-                queue,
-                &work.delivery.data,
-                properties.clone(),
-            );
+            let published =
+                work.session
+                    .republisher
+                    .publish(queue, &work.delivery.data, properties.clone());
             match on_session(work, published).await {
                 Some(Ok(())) => return true,
                 Some(Err(e)) => warn!(queue, attempt, error = %e, "republish failed"),
                 None => warn!(queue, attempt, "republish not confirmed"),
             }
-            tokio::time::sleep(delay).await;
+            if attempt < 3 && !self.sleep_unless(&self.abort, delay).await {
+                return false;
+            }
             delay *= 4;
         }
+        false
+    }
+
+    /// Gives the delivery back to the broker now (nack with requeue), so it is not held until
+    /// the session ends.
+    async fn hand_back(&self, work: &Work) -> Outcome {
         let nack = work.delivery.acker.nack(BasicNackOptions {
             requeue: true,
             ..BasicNackOptions::default()
@@ -703,7 +711,7 @@ impl Pipeline {
             // Only once the nack is on the wire may a batched ack pass this tag.
             work.session.acks.forget(work.delivery.delivery_tag);
         }
-        false
+        Outcome::HandedBack
     }
 
     /// Publishes the job's receipt, when receipts are on. Never fails the job.

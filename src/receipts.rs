@@ -58,9 +58,9 @@ pub fn timestamp(unix_ms: u64) -> String {
 
 /// Publishes one receipt and waits for the broker's confirm. Unrouted receipts (nobody bound to
 /// the exchange) are fine: they are not an error, so the publish is not mandatory (a returned
-/// receipt would be logged in full by lapin and, worse, be attributed by lapin to a concurrent
-/// delay-tier or dead-letter republish on the same channel: see
-/// [`amqp::publish_confirmed_with`]).
+/// receipt would be logged in full by lapin and attributed by lapin to another receipt's
+/// confirm: see [`amqp::publish_confirmed_with`]). Receipts have their own channel; the
+/// mandatory republishes go through [`amqp::Republisher`].
 pub async fn publish(
     channel: &lapin::Channel,
     exchange: &str,

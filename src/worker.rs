@@ -295,6 +295,7 @@ async fn consume(
 ) -> Ended {
     let link = Arc::new(SessionLink {
         publish: session.publish.clone(),
+        republisher: session.republisher.clone(),
         alive: CancellationToken::new(),
         acks: Acks::new(session.consume.clone()),
         header_budget: crate::amqp::outgoing::header_budget(
@@ -342,7 +343,10 @@ async fn consume(
                 None => break Ended::Lost("consumer closed".into()),
             },
             _ = check.tick() => {
-                if !session.publish.status().connected() || !session.connection.status().connected() {
+                if !session.publish.status().connected()
+                    || !session.republisher.connected()
+                    || !session.connection.status().connected()
+                {
                     break Ended::Lost("channel closed".into());
                 }
             }

@@ -1,13 +1,15 @@
 //! The RabbitMQ side: connecting, the topology, consuming, and publisher-confirmed republishing.
 //!
-//! A [`Session`] is one connection with two channels: one consumes the work queue, the other is in
-//! confirm mode and carries every republish (delay tiers, dead letters, receipts). A message
+//! A [`Session`] is one connection with its channels: one consumes the work queue, one in confirm
+//! mode carries receipts, and a [`Republisher`] pool carries the delay-tier and dead-letter
+//! republishes, one at a time per channel so that each confirm is exactly its own. A message
 //! moves between queues only as "publish, wait for the broker's confirm, then ack the original",
 //! so a crash in between leaves a duplicate in the target queue, never a loss; the store turns a
 //! duplicate job into a no-op.
 
 pub mod acks;
 pub mod outgoing;
+pub mod republisher;
 pub mod topology;
 
 use std::time::Duration;
@@ -18,6 +20,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::config::{AmqpSettings, AmqpUrlError, redact_url};
+pub use republisher::Republisher;
 pub use topology::Topology;
 
 /// Headers the worker reads and writes. Public: operators and publishers see them.
@@ -52,13 +55,18 @@ pub enum AmqpError {
     Unroutable(String),
     #[error(transparent)]
     Url(#[from] AmqpUrlError),
+    #[error("publish abandoned: the worker is stopping")]
+    Abandoned,
 }
 
-/// One connection and its two channels.
+/// One connection and its channels.
 pub struct Session {
     pub connection: Connection,
     pub consume: Channel,
+    /// Receipts (not mandatory, pipelined).
     pub publish: Channel,
+    /// Delay-tier and dead-letter republishes.
+    pub republisher: std::sync::Arc<Republisher>,
 }
 
 impl Session {
@@ -78,6 +86,7 @@ impl Session {
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        let republisher = Republisher::open(&connection, republisher::CHANNELS).await?;
         topology::declare_upgrading(&connection, &publish, settings, topology)
             .await
             .map_err(AmqpError::Declare)?;
@@ -85,6 +94,7 @@ impl Session {
             connection,
             consume,
             publish,
+            republisher: std::sync::Arc::new(republisher),
         })
     }
 
@@ -94,6 +104,7 @@ impl Session {
         let closing = async {
             let _ = self.consume.close(200, "shutdown".into()).await;
             let _ = self.publish.close(200, "shutdown".into()).await;
+            self.republisher.close().await;
             let _ = self.connection.close(200, "shutdown".into()).await;
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
@@ -161,12 +172,11 @@ pub async fn publish_confirmed(
 
 /// [`publish_confirmed`], choosing whether an unroutable publish is returned (`mandatory`).
 ///
-/// Only publishes whose loss matters may be mandatory. lapin hands a `basic.return` to the
-/// next confirm it resolves, not to the publish it belongs to, and RabbitMQ acks several
-/// confirms at once under load: on a channel shared by concurrent publishers, a returned
-/// publish makes some *other* publish look unroutable (or its own loss look confirmed). So
-/// publishes that may legitimately go nowhere (receipts nobody listens to) must not be mandatory
-/// on the channel that carries the delay-tier and dead-letter republishes.
+/// lapin hands a `basic.return` to the next confirm it resolves, not to the publish it belongs
+/// to, and RabbitMQ acks several confirms at once under load: on a channel with concurrent
+/// publishes, a returned publish makes some *other* publish look unroutable (or its own loss
+/// look confirmed). So a mandatory publish is exact only on a channel that carries one publish
+/// at a time ([`Republisher`]); concurrent publishes on one channel must not be mandatory.
 pub async fn publish_confirmed_with(
     channel: &Channel,
     exchange: &str,
