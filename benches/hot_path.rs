@@ -29,6 +29,7 @@ use blinger_worker::amqp::{Republisher, Topology};
 use blinger_worker::blinger::Client;
 use blinger_worker::config::{AmqpSettings, Secret, TokenSource};
 use blinger_worker::dispatch::Dispatcher;
+use blinger_worker::fair::FairShare;
 use blinger_worker::job::{self, Action, Job};
 use blinger_worker::pipeline::{Pipeline, SessionLink};
 use blinger_worker::ratelimit::Limiter;
@@ -440,7 +441,12 @@ fn dispatch(c: &mut Criterion) {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let batch = deliveries(JOBS, conversations);
-                        let dispatcher = Dispatcher::new(w.pipeline.clone(), concurrency, LIMIT);
+                        let dispatcher = Dispatcher::new(
+                            w.pipeline.clone(),
+                            concurrency,
+                            LIMIT,
+                            FairShare::new(u16::MAX),
+                        );
                         total += rt.block_on(async {
                             let start = Instant::now();
                             for d in batch {
@@ -497,7 +503,12 @@ fn dispatch(c: &mut Criterion) {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let batch = deliveries(JOBS, 1000);
-                        let dispatcher = Dispatcher::new(w.pipeline.clone(), concurrency, LIMIT);
+                        let dispatcher = Dispatcher::new(
+                            w.pipeline.clone(),
+                            concurrency,
+                            LIMIT,
+                            FairShare::new(u16::MAX),
+                        );
                         total += rt.block_on(async {
                             let start = Instant::now();
                             for d in batch {

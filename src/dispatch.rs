@@ -8,6 +8,11 @@
 //! [`Pipeline::keyless`], hold no slot). Invalid messages need no order: they are
 //! dead-lettered straight away.
 //!
+//! What waits in a lane is unacked and counts against the prefetch: a job arriving for a
+//! conversation (or of a keyless kind) that holds its share of the prefetch is deferred round a
+//! delay tier instead ([`crate::fair`]), so one conversation cannot keep the others' jobs from
+//! arriving.
+//!
 //! The worker's slots open in steps at start ([`Dispatcher::with_slow_start`]): a worker that
 //! starts on a backlog would otherwise begin `concurrency` calls at once, each opening a
 //! connection, and the HTTP pool keeps the connections still being opened when the first calls
@@ -15,6 +20,7 @@
 //! each; at Blinger, as many TLS handshakes at once).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +29,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use crate::fair::{Admit, FairShare, Held};
 use crate::job;
 use crate::pipeline::{Pipeline, SessionLink, Work};
 use crate::store::now_ms;
@@ -31,10 +38,37 @@ use crate::trail::{Found, Trail};
 
 pub struct Dispatcher {
     pipeline: Arc<Pipeline>,
-    lanes: Mutex<HashMap<String, VecDeque<Work>>>,
+    lanes: Mutex<Lanes>,
     permits: Arc<Semaphore>,
     tasks: TaskTracker,
     max_body_bytes: usize,
+    fair: FairShare,
+    /// How long a lane's job takes, microseconds, a moving average (sizes deferrals).
+    job_micros: AtomicU64,
+}
+
+/// Weight of the newest job in [`Dispatcher::job_micros`]: 1/16.
+const JOB_TIME_WEIGHT: u64 = 16;
+
+/// The lanes, and the deliveries held (not yet acked or handed back).
+#[derive(Default)]
+struct Lanes {
+    lanes: HashMap<String, Lane>,
+    total: usize,
+    keyless: usize,
+}
+
+/// One conversation's jobs: waiting ones, and `held` = those plus the running one.
+#[derive(Default)]
+struct Lane {
+    waiting: VecDeque<Work>,
+    held: usize,
+}
+
+fn is_keyless(work: &Work) -> bool {
+    work.job
+        .as_ref()
+        .is_ok_and(|job| !job.kind().carries_uuid())
 }
 
 /// Slots opened at once by [`Dispatcher::with_slow_start`], and then at each step.
@@ -44,11 +78,17 @@ const SLOW_START_EVERY: Duration = Duration::from_millis(25);
 
 impl Dispatcher {
     /// A dispatcher with all `concurrency` slots open.
-    pub fn new(pipeline: Arc<Pipeline>, concurrency: usize, max_body_bytes: usize) -> Arc<Self> {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        concurrency: usize,
+        max_body_bytes: usize,
+        fair: FairShare,
+    ) -> Arc<Self> {
         Self::with_slots(
             pipeline,
             Arc::new(Semaphore::new(concurrency)),
             max_body_bytes,
+            fair,
         )
     }
 
@@ -58,21 +98,25 @@ impl Dispatcher {
         pipeline: Arc<Pipeline>,
         concurrency: usize,
         max_body_bytes: usize,
+        fair: FairShare,
     ) -> Arc<Self> {
-        Self::with_slots(pipeline, slowly_opening(concurrency), max_body_bytes)
+        Self::with_slots(pipeline, slowly_opening(concurrency), max_body_bytes, fair)
     }
 
     fn with_slots(
         pipeline: Arc<Pipeline>,
         permits: Arc<Semaphore>,
         max_body_bytes: usize,
+        fair: FairShare,
     ) -> Arc<Self> {
         Arc::new(Dispatcher {
             pipeline,
-            lanes: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(Lanes::default()),
             permits,
             tasks: TaskTracker::new(),
             max_body_bytes,
+            fair,
+            job_micros: AtomicU64::new(0),
         })
     }
 
@@ -92,11 +136,16 @@ impl Dispatcher {
                  with another BLINGER_WORKER_TRAIL_KEY)"
             );
         }
+        let seq = match &job {
+            Ok(job) => self.pipeline.arrived(job, &trail),
+            Err(_) => 0,
+        };
         let work = Work {
             delivery,
             session: session.clone(),
             job,
             trail,
+            seq,
             received_ms: now_ms(),
         };
         self.pipeline
@@ -104,51 +153,114 @@ impl Dispatcher {
             .jobs_received
             .with_label_values(&[kind_label(work.kind())])
             .inc();
+        let keyless = is_keyless(&work);
+        let mut lanes = self.lanes.lock().expect("lanes lock");
         let conversation = match &work.job {
             Ok(job) => job.conversation_id.clone(),
             Err(_) => {
+                lanes.total += 1;
+                drop(lanes);
                 let this = self.clone();
                 self.tasks.spawn(async move {
-                    let _permit = this
-                        .permits
-                        .acquire()
-                        .await
-                        .expect("semaphore never closed");
-                    Box::pin(this.pipeline.process(work, None)).await;
+                    {
+                        let _permit = this
+                            .permits
+                            .acquire()
+                            .await
+                            .expect("semaphore never closed");
+                        Box::pin(this.pipeline.process(work, None)).await;
+                    }
+                    this.lanes.lock().expect("lanes lock").total -= 1;
                 });
                 return;
             }
         };
+        let held = Held {
+            total: lanes.total,
+            conversation: lanes.lanes.get(&conversation).map_or(0, |lane| lane.held),
+            keyless: lanes.keyless,
+        };
+        lanes.total += 1;
+        lanes.keyless += usize::from(keyless);
+        let per_job = Duration::from_micros(self.job_micros.load(Ordering::Relaxed));
+        if self.fair.admit(held, keyless) == Admit::Defer
+            && let Some(tier) = self.pipeline.defer(&work, held.conversation, per_job)
+        {
+            drop(lanes);
+            let this = self.clone();
+            self.tasks.spawn(async move {
+                if this.pipeline.park_deferred(&work, tier).await {
+                    let mut lanes = this.lanes.lock().expect("lanes lock");
+                    lanes.total -= 1;
+                    lanes.keyless -= usize::from(keyless);
+                } else {
+                    // Not sent round: it waits in its lane after all (still in the chain, so
+                    // nothing younger overtook it).
+                    this.enqueue(conversation, work);
+                }
+            });
+            return;
+        }
+        drop(lanes);
+        self.enqueue(conversation, work);
+    }
+
+    /// Puts a job into its conversation's lane, in sequence order, starting the lane if idle.
+    fn enqueue(self: &Arc<Self>, conversation: String, work: Work) {
         {
             let mut lanes = self.lanes.lock().expect("lanes lock");
-            if let Some(lane) = lanes.get_mut(&conversation) {
-                lane.push_back(work);
+            if let Some(lane) = lanes.lanes.get_mut(&conversation) {
+                let at = lane
+                    .waiting
+                    .iter()
+                    .position(|w| w.seq > work.seq)
+                    .unwrap_or(lane.waiting.len());
+                lane.waiting.insert(at, work);
+                lane.held += 1;
                 return;
             }
-            lanes.insert(conversation.clone(), VecDeque::from([work]));
+            lanes.lanes.insert(
+                conversation.clone(),
+                Lane {
+                    waiting: VecDeque::from([work]),
+                    held: 1,
+                },
+            );
         }
         let this = self.clone();
         self.tasks
             .spawn(async move { this.run_lane(conversation).await });
     }
 
+    /// The lane's next job; `finished` tells whether the last one was keyless (it is no longer
+    /// held). Ends the lane when it is empty.
+    fn next_of(&self, conversation: &str, finished: Option<bool>) -> Option<Work> {
+        let mut guard = self.lanes.lock().expect("lanes lock");
+        let lanes = &mut *guard;
+        let lane = lanes
+            .lanes
+            .get_mut(conversation)
+            .expect("a running lane exists");
+        if let Some(keyless) = finished {
+            lane.held -= 1;
+            lanes.total -= 1;
+            lanes.keyless -= usize::from(keyless);
+        }
+        let next = lane.waiting.pop_front();
+        if next.is_none() {
+            lanes.lanes.remove(conversation);
+        }
+        next
+    }
+
     async fn run_lane(self: Arc<Self>, conversation: String) {
-        loop {
-            let work = {
-                let mut lanes = self.lanes.lock().expect("lanes lock");
-                let lane = lanes.get_mut(&conversation).expect("a running lane exists");
-                match lane.pop_front() {
-                    Some(work) => work,
-                    None => {
-                        lanes.remove(&conversation);
-                        return;
-                    }
-                }
-            };
+        let mut next = self.next_of(&conversation, None);
+        while let Some(work) = next {
+            let was_keyless = is_keyless(&work);
             // A keyless job waits for its keyless permit before taking a slot, so a queue of
             // them never holds up other conversations.
-            let keyless = match &work.job {
-                Ok(job) if !job.kind().carries_uuid() => Some(
+            let keyless = match was_keyless {
+                true => Some(
                     self.pipeline
                         .keyless
                         .clone()
@@ -156,16 +268,26 @@ impl Dispatcher {
                         .await
                         .expect("semaphore never closed"),
                 ),
-                _ => None,
+                false => None,
             };
-            let _permit = self
-                .permits
-                .acquire()
-                .await
-                .expect("semaphore never closed");
-            // Boxed: a job's future is kilobytes (the HTTP call's state), and a lane waiting for
-            // a slot should not carry one; only the jobs running at once do.
-            Box::pin(self.pipeline.process(work, keyless)).await;
+            {
+                let _permit = self
+                    .permits
+                    .acquire()
+                    .await
+                    .expect("semaphore never closed");
+                // Boxed: a job's future is kilobytes (the HTTP call's state), and a lane waiting
+                // for a slot should not carry one; only the jobs running at once do.
+                let started = tokio::time::Instant::now();
+                Box::pin(self.pipeline.process(work, keyless)).await;
+                let took = started.elapsed().as_micros() as u64;
+                let _ = self
+                    .job_micros
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                        Some(avg - avg / JOB_TIME_WEIGHT + took / JOB_TIME_WEIGHT)
+                    });
+            }
+            next = self.next_of(&conversation, Some(was_keyless));
         }
     }
 
@@ -174,8 +296,9 @@ impl Dispatcher {
         self.lanes
             .lock()
             .expect("lanes lock")
+            .lanes
             .values()
-            .map(VecDeque::len)
+            .map(|lane| lane.waiting.len())
             .sum::<usize>()
             + self.tasks.len()
     }

@@ -24,6 +24,7 @@ pub mod blinger;
 pub mod config;
 pub mod dispatch;
 pub mod failure;
+pub mod fair;
 pub mod job;
 pub mod ops;
 pub mod ops_http;

@@ -1,17 +1,25 @@
 //! Per-conversation order across delay tiers.
 //!
 //! The dispatcher keeps a conversation's jobs in order while they are in this process. A job that
-//! is parked in a delay tier leaves the process, and the jobs behind it must not overtake it. So a
-//! conversation with jobs out in the tiers has a *chain*: every job that leaves for a tier (parked
-//! after failures, or following) gets a sequence number, carried in the `x-blinger-chain` header.
-//! While any member is out, a new job of the conversation joins the chain instead of being sent;
-//! a member coming back is sent only if no older member is still out, otherwise it goes round
-//! again. Sequence numbers grow across restarts (they start from the clock), so members from an
-//! earlier run count as older.
+//! is parked in a delay tier leaves the process, and the jobs behind it must not overtake it. So
+//! every job gets a sequence number when it arrives (a member coming back keeps the one in its
+//! sealed `x-blinger-chain` header), and a conversation with jobs out in the tiers has a *chain*:
+//! the sequence numbers of its members out. A job is sent only if no member with a smaller
+//! sequence is out; otherwise it follows them into a tier (and goes round again if it comes
+//! back too early). Jobs leave for a tier after failures (parked), to follow older members, or
+//! deferred because their conversation holds its share of the prefetch ([`crate::fair`]): a
+//! deferred job is younger than the jobs of its conversation still waiting, which are sent
+//! before it. Sequence numbers grow across restarts (they start from the clock), so members
+//! from an earlier run count as older.
+//!
+//! A job handed back to the broker (its session lost, or a republish that failed) stays in the
+//! chain until it is redelivered, with the same sequence: a younger member coming back from a
+//! tier meanwhile cannot overtake it.
 //!
 //! Limits: the chain lives in memory. After a restart the members still out are unknown, so a new
-//! job may overtake them; and a member that never comes back (its tier purged) is forgotten after
-//! its expected return plus a margin, so one lost message cannot block its conversation forever.
+//! job may overtake them; and a member that never comes back (its tier purged, a redelivery
+//! taken by another consumer) is forgotten after its expected return plus a margin, so one lost
+//! message cannot block its conversation forever.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -19,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
+use uuid::Uuid;
 
 /// A member not back this long after its expected return is considered lost.
 const LOST_AFTER: Duration = Duration::from_secs(120);
@@ -34,9 +43,14 @@ pub enum Route {
 
 pub struct Chains {
     chains: Mutex<HashMap<String, BTreeMap<u64, Instant>>>,
+    /// Sequences of jobs handed back to the broker, by job id, until they are redelivered.
+    handed_back: Mutex<HashMap<Uuid, (u64, Instant)>>,
     next_seq: AtomicU64,
     tiers: Vec<Duration>,
 }
+
+/// Handed-back entries kept before expired ones are swept.
+const HANDED_BACK_SWEEP: usize = 1024;
 
 impl Chains {
     pub fn new(tiers: Vec<Duration>) -> Chains {
@@ -46,60 +60,113 @@ impl Chains {
             .unwrap_or(1);
         Chains {
             chains: Mutex::new(HashMap::new()),
+            handed_back: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(start),
             tiers,
         }
     }
 
-    /// Routes a job of `conversation` that arrived with chain sequence `seq` (from its header).
-    pub fn route(&self, conversation: &str, seq: Option<u64>, now: Instant) -> Route {
+    /// The sequence of an arriving job: the one in its sealed header (a member coming back),
+    /// the one it had when it was handed back, or a new one (younger than every job so far).
+    pub fn arrived(&self, id: Option<Uuid>, header: Option<u64>) -> u64 {
+        let remembered = id.and_then(|id| {
+            self.handed_back
+                .lock()
+                .expect("chains lock")
+                .remove(&id)
+                .map(|(seq, _)| seq)
+        });
+        header.or(remembered).unwrap_or_else(|| self.new_seq())
+    }
+
+    /// Routes job `seq` of `conversation` before sending it.
+    pub fn route(&self, conversation: &str, seq: u64, now: Instant) -> Route {
         let mut chains = self.chains.lock().expect("chains lock");
         let Some(out) = chains.get_mut(conversation) else {
             return Route::Send;
         };
         out.retain(|_, back| *back + LOST_AFTER > now);
-        if let Some(seq) = seq {
-            out.remove(&seq);
-        }
-        let older_out = match seq {
-            Some(seq) => out.range(..seq).next().is_some(),
-            None => !out.is_empty(),
-        };
-        if !older_out {
+        out.remove(&seq);
+        if out.range(..seq).next().is_none() {
             if out.is_empty() {
                 chains.remove(conversation);
             }
             return Route::Send;
         }
-        let latest = out.values().max().copied().unwrap_or(now);
-        let tier = self
-            .tiers
-            .iter()
-            // Same tier: FIFO keeps it behind. Another tier ending at the same moment may race;
-            // then the member that comes back first simply goes round again.
-            .position(|d| now + *d >= latest)
-            .unwrap_or(self.tiers.len() - 1);
-        let seq = seq.unwrap_or_else(|| self.new_seq());
+        let tier = self.follow_tier(out, seq, now);
         out.insert(seq, now + self.tiers[tier]);
         Route::Follow { seq, tier }
     }
 
-    /// Records that a job left for `tier` after failing. Returns the sequence for its header.
-    pub fn parked(&self, conversation: &str, seq: Option<u64>, tier: usize, now: Instant) -> u64 {
-        let seq = seq.unwrap_or_else(|| self.new_seq());
+    /// Records that job `seq` leaves for a tier without being sent, deferred (see
+    /// [`crate::fair`]); returns the tier. Call before any younger job of the conversation is
+    /// routed, so that those follow it. `waiting` jobs of the conversation are in the worker,
+    /// and each takes about `per_job`: the tier is the shortest that ends after every member
+    /// out and after the jobs ahead of this one (those waiting and the older members out)
+    /// could be sent, so that a long backlog goes round a few times, not once per tier round.
+    pub fn defer(
+        &self,
+        conversation: &str,
+        seq: u64,
+        now: Instant,
+        waiting: usize,
+        per_job: Duration,
+    ) -> usize {
+        let mut chains = self.chains.lock().expect("chains lock");
+        let out = chains.entry(conversation.to_owned()).or_default();
+        out.retain(|_, back| *back + LOST_AFTER > now);
+        let ahead = waiting + out.range(..seq).count();
+        let wait = per_job.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX));
+        let long_enough = self
+            .tiers
+            .iter()
+            .position(|d| *d >= wait)
+            .unwrap_or(self.tiers.len() - 1);
+        let tier = self.follow_tier(out, seq, now).max(long_enough);
+        out.insert(seq, now + self.tiers[tier]);
+        tier
+    }
+
+    /// The shortest tier that ends after every member out older than `seq`. Younger members
+    /// may come back first: they see this one out and follow it. Not waiting for them keeps a
+    /// chain's members coming back in sequence order, so each round sends many, not one.
+    fn follow_tier(&self, out: &BTreeMap<u64, Instant>, seq: u64, now: Instant) -> usize {
+        let latest = out.range(..seq).map(|(_, back)| *back).max().unwrap_or(now);
+        self.tiers
+            .iter()
+            .position(|d| now + *d >= latest)
+            .unwrap_or(self.tiers.len() - 1)
+    }
+
+    /// Records that job `seq` left for `tier` after failing.
+    pub fn parked(&self, conversation: &str, seq: u64, tier: usize, now: Instant) {
         self.chains
             .lock()
             .expect("chains lock")
             .entry(conversation.to_owned())
             .or_default()
             .insert(seq, now + self.tiers[tier]);
-        seq
     }
 
-    /// Member `seq` of `conversation` is no longer out: it came back and left in another way
-    /// than being sent or parked (a duplicate, expired, a conflict), or the republish that would
-    /// have sent it out was not confirmed. Without this, a member that is not out would hold up
-    /// its conversation, or stay in memory for good.
+    /// Records that job `id` (`seq`) was handed back to the broker: it counts as out until it is
+    /// redelivered ([`Chains::arrived`] gives it its sequence again) or for [`LOST_AFTER`].
+    pub fn handed_back(&self, conversation: &str, id: Uuid, seq: u64, now: Instant) {
+        self.chains
+            .lock()
+            .expect("chains lock")
+            .entry(conversation.to_owned())
+            .or_default()
+            .insert(seq, now);
+        let mut handed_back = self.handed_back.lock().expect("chains lock");
+        if handed_back.len() >= HANDED_BACK_SWEEP {
+            handed_back.retain(|_, (_, at)| *at + LOST_AFTER > now);
+        }
+        handed_back.insert(id, (seq, now));
+    }
+
+    /// Job `seq` of `conversation` is not out: it came back and left in another way than being
+    /// sent or parked (a duplicate, expired, a conflict). Without this, a member that is not out
+    /// would hold up its conversation, or stay in memory for good.
     pub fn leave(&self, conversation: &str, seq: u64) {
         let mut chains = self.chains.lock().expect("chains lock");
         if let Some(out) = chains.get_mut(conversation) {
@@ -142,110 +209,220 @@ mod tests {
     fn later_jobs_follow_and_members_wait_for_older_ones() {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
-        assert_eq!(c.route("x", None, t0), Route::Send);
-        let a = c.parked("x", None, 0, t0); // A failed: out until t0+5
-        let Route::Follow { seq: b, tier: 0 } = c.route("x", None, t0) else {
-            panic!("B must follow A into tier 0")
-        };
+        let a = c.arrived(None, None);
+        assert_eq!(c.route("x", a, t0), Route::Send);
+        c.parked("x", a, 0, t0); // A failed: out until t0+5
+        let b = c.arrived(None, None);
         assert!(b > a);
+        assert_eq!(
+            c.route("x", b, t0),
+            Route::Follow { seq: b, tier: 0 },
+            "B must follow A into tier 0"
+        );
         // A back at t0+5 and parked again, into the 30 s tier.
         let t5 = t0 + Duration::from_secs(5);
-        assert_eq!(c.route("x", Some(a), t5), Route::Send);
-        c.parked("x", Some(a), 1, t5);
+        assert_eq!(c.route("x", c.arrived(None, Some(a)), t5), Route::Send);
+        c.parked("x", a, 1, t5);
         // B back: A is still out, so B goes round again, into a tier that ends after A's.
         let t6 = t0 + Duration::from_secs(6);
-        assert_eq!(c.route("x", Some(b), t6), Route::Follow { seq: b, tier: 1 });
+        assert_eq!(c.route("x", b, t6), Route::Follow { seq: b, tier: 1 });
         // A new job C joins the chain too.
-        let Route::Follow { seq: cc, .. } = c.route("x", None, t6) else {
-            panic!("C must follow")
-        };
-        assert!(cc > b);
+        let cc = c.arrived(None, None);
+        assert!(matches!(c.route("x", cc, t6), Route::Follow { .. }));
         // A back and delivered; B back: nothing older out, sent; C back: sent.
         let t35 = t5 + Duration::from_secs(30);
-        assert_eq!(c.route("x", Some(a), t35), Route::Send);
+        assert_eq!(c.route("x", a, t35), Route::Send);
         let t37 = t6 + Duration::from_secs(31);
-        assert_eq!(c.route("x", Some(b), t37), Route::Send);
-        assert_eq!(c.route("x", Some(cc), t37), Route::Send);
+        assert_eq!(c.route("x", b, t37), Route::Send);
+        assert_eq!(c.route("x", cc, t37), Route::Send);
         assert!(c.is_empty());
         // Other conversations are never affected.
-        c.parked("x", None, 0, t37);
-        assert_eq!(c.route("y", None, t37), Route::Send);
+        c.parked("x", c.arrived(None, None), 0, t37);
+        assert_eq!(c.route("y", c.arrived(None, None), t37), Route::Send);
+    }
+
+    #[test]
+    fn a_deferred_job_holds_up_younger_jobs_only() {
+        let c = Chains::new(tiers());
+        let t0 = Instant::now();
+        // A and B wait in their lane; C arrives while the conversation holds its share.
+        let a = c.arrived(None, None);
+        let b = c.arrived(None, None);
+        let cc = c.arrived(None, None);
+        assert_eq!(c.defer("x", cc, t0, 2, Duration::ZERO), 0);
+        // A and B are older than C: sent.
+        assert_eq!(c.route("x", a, t0), Route::Send);
+        assert_eq!(c.route("x", b, t0), Route::Send);
+        // D, younger, follows C.
+        let d = c.arrived(None, None);
+        assert_eq!(c.route("x", d, t0), Route::Follow { seq: d, tier: 0 });
+        // C back: sent; then D.
+        let t5 = t0 + Duration::from_secs(5);
+        assert_eq!(c.route("x", c.arrived(None, Some(cc)), t5), Route::Send);
+        assert_eq!(c.route("x", c.arrived(None, Some(d)), t5), Route::Send);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_long_backlog_is_deferred_for_as_long_as_it_takes_to_send_what_is_ahead() {
+        let c = Chains::new(tiers());
+        let t0 = Instant::now();
+        let per_job = Duration::from_millis(100);
+        // 40 waiting × 100 ms = 4 s: the 5 s tier.
+        assert_eq!(c.defer("x", c.arrived(None, None), t0, 40, per_job), 0);
+        // 40 waiting and 1 out ahead, then 2, ...: past 50 jobs ahead, the 30 s tier.
+        let tiers: Vec<usize> = (0..20)
+            .map(|_| c.defer("x", c.arrived(None, None), t0, 40, per_job))
+            .collect();
+        assert_eq!(tiers[..10], [0; 10]);
+        assert!(tiers[10..].iter().all(|&t| t == 1), "{tiers:?}");
+        // Never shorter than the members out ahead: 2 waiting, but the 30 s tier.
+        assert_eq!(c.defer("x", c.arrived(None, None), t0, 2, per_job), 1);
+        // A 5,000-job backlog goes to the longest tier.
+        assert_eq!(c.defer("y", c.arrived(None, None), t0, 5000, per_job), 2);
+    }
+
+    #[test]
+    fn a_handed_back_job_keeps_its_place_until_it_is_redelivered() {
+        let c = Chains::new(tiers());
+        let t0 = Instant::now();
+        let id = Uuid::new_v4();
+        let a = c.arrived(Some(id), None);
+        let b = c.arrived(None, None);
+        assert_eq!(c.defer("x", b, t0, 1, Duration::ZERO), 0);
+        // A's session is lost before A is sent: B comes back first, and must wait for A.
+        c.handed_back("x", id, a, t0);
+        let t5 = t0 + Duration::from_secs(5);
+        assert!(matches!(c.route("x", b, t5), Route::Follow { .. }));
+        // A redelivered (no header): same sequence, sent; then B.
+        assert_eq!(c.arrived(Some(id), None), a);
+        assert_eq!(c.route("x", a, t5), Route::Send);
+        assert_eq!(c.route("x", b, t5 + Duration::from_secs(30)), Route::Send);
+        assert!(c.is_empty());
+        // The memory is gone once used.
+        assert!(c.arrived(Some(id), None) > b);
     }
 
     #[test]
     fn a_member_that_leaves_otherwise_holds_nothing_up() {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
-        // Parked, but its republish was refused: it never went out.
-        let a = c.parked("x", None, 0, t0);
-        c.leave("x", a);
-        assert_eq!(c.route("x", None, t0), Route::Send, "no phantom member");
-        assert!(c.is_empty());
         // A member that comes back as a duplicate (or expired) is not sent, and leaves.
-        let b = c.parked("y", None, 0, t0);
+        let b = c.arrived(None, None);
+        c.parked("y", b, 0, t0);
         c.leave("y", b);
         assert!(c.is_empty(), "nothing kept for the conversation");
         // Leaving keeps the other members.
-        let d = c.parked("z", None, 0, t0);
-        let Route::Follow { seq: e, .. } = c.route("z", None, t0) else {
-            panic!("e follows d")
-        };
+        let d = c.arrived(None, None);
+        c.parked("z", d, 0, t0);
+        let e = c.arrived(None, None);
+        assert!(matches!(c.route("z", e, t0), Route::Follow { .. }));
         c.leave("z", d);
-        assert_eq!(c.route("z", Some(e), t0), Route::Send);
+        assert_eq!(c.route("z", e, t0), Route::Send);
     }
 
     #[test]
     fn a_lost_member_does_not_block_its_conversation_forever() {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
-        c.parked("x", None, 0, t0);
-        assert!(matches!(c.route("x", None, t0), Route::Follow { .. }));
+        c.parked("x", c.arrived(None, None), 0, t0);
+        assert!(matches!(
+            c.route("x", c.arrived(None, None), t0),
+            Route::Follow { .. }
+        ));
         let later = t0 + Duration::from_secs(5) + LOST_AFTER + Duration::from_secs(40);
-        assert_eq!(c.route("x", None, later), Route::Send);
+        assert_eq!(c.route("x", c.arrived(None, None), later), Route::Send);
+    }
+
+    /// What happens next in the model of [`sends_happen_in_publish_order`].
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        /// The broker hands over the next message of the work queue (deferred if `true`).
+        Arrive(bool),
+        /// The lane works its oldest waiting job (it fails if `true`).
+        Work(bool),
+        /// The session is lost: every job waiting in the lane is handed back.
+        Lose,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => any::<bool>().prop_map(Step::Arrive),
+            4 => prop::bool::weighted(0.3).prop_map(Step::Work),
+            1 => Just(Step::Lose),
+        ]
     }
 
     proptest! {
-        /// A conversation's jobs, each failing at random, come out of the chain in publish order.
+        /// A conversation's jobs come out of the chain in publish order, whatever fails, is
+        /// deferred or handed back, and whenever the tiers give members back.
         #[test]
-        fn sends_happen_in_publish_order(fails in proptest::collection::vec(0u8..3, 1..12)) {
+        fn sends_happen_in_publish_order(
+            jobs in 1usize..12,
+            steps in proptest::collection::vec(step(), 0..60),
+        ) {
             let c = Chains::new(tiers());
             let mut now = Instant::now();
-            // The work queue (FIFO) and the tiers, as (return time, job, seq).
-            let mut queue: VecDeque<(usize, Option<u64>)> = (0..fails.len()).map(|i| (i, None)).collect();
-            let mut tiers_out: Vec<(Instant, u64, usize, Option<u64>)> = Vec::new();
-            let mut failures_left = fails.clone();
+            let ids: Vec<Uuid> = (0..jobs).map(|_| Uuid::new_v4()).collect();
+            // The work queue (FIFO; a handed-back job goes to its front), the lane, and the
+            // tiers as (return time, order, job, seq).
+            let mut queue: VecDeque<(usize, Option<u64>)> = (0..jobs).map(|i| (i, None)).collect();
+            let mut lane: VecDeque<(usize, u64)> = VecDeque::new();
+            let mut tiers_out: Vec<(Instant, u64, usize, u64)> = Vec::new();
             let mut sent = Vec::new();
             let mut order = 0u64;
+            let mut tier_out = |tiers_out: &mut Vec<_>, now: Instant, tier: usize, job, seq| {
+                order += 1;
+                tiers_out.push((now + tiers()[tier], order, job, seq));
+            };
+            let mut steps = steps.into_iter();
             for _ in 0..10_000 {
-                if let Some((job, seq)) = queue.pop_front() {
-                    match c.route("x", seq, now) {
-                        Route::Send => {
-                            if failures_left[job] > 0 {
-                                failures_left[job] -= 1;
-                                let seq = c.parked("x", seq, 0, now);
-                                order += 1;
-                                tiers_out.push((now + tiers()[0], order, job, Some(seq)));
-                            } else {
-                                sent.push(job);
-                            }
-                        }
-                        Route::Follow { seq, tier } => {
-                            order += 1;
-                            tiers_out.push((now + tiers()[tier], order, job, Some(seq)));
+                let step = steps.next().unwrap_or(Step::Work(false));
+                match step {
+                    Step::Arrive(defer) if !queue.is_empty() => {
+                        let (job, header) = queue.pop_front().unwrap();
+                        let seq = c.arrived(Some(ids[job]), header);
+                        if defer {
+                            let tier = c.defer("x", seq, now, lane.len(), Duration::from_secs(1));
+                            tier_out(&mut tiers_out, now, tier, job, seq);
+                        } else {
+                            lane.push_back((job, seq));
                         }
                     }
-                    continue;
+                    Step::Lose => {
+                        for (job, seq) in lane.drain(..).rev() {
+                            c.handed_back("x", ids[job], seq, now);
+                            queue.push_front((job, None));
+                        }
+                    }
+                    Step::Work(fail) | Step::Arrive(fail) => {
+                        if let Some((job, seq)) = lane.pop_front() {
+                            match c.route("x", seq, now) {
+                                Route::Send if fail => {
+                                    c.parked("x", seq, 0, now);
+                                    tier_out(&mut tiers_out, now, 0, job, seq);
+                                }
+                                Route::Send => sent.push(job),
+                                Route::Follow { seq, tier } => {
+                                    tier_out(&mut tiers_out, now, tier, job, seq);
+                                }
+                            }
+                        } else if let Some((job, header)) = queue.pop_front() {
+                            let seq = c.arrived(Some(ids[job]), header);
+                            lane.push_back((job, seq));
+                        } else if !tiers_out.is_empty() {
+                            // The next message to expire goes back to the work queue.
+                            tiers_out.sort();
+                            let (back, _, job, seq) = tiers_out.remove(0);
+                            now = now.max(back);
+                            queue.push_back((job, Some(seq)));
+                        } else {
+                            break;
+                        }
+                    }
                 }
-                if tiers_out.is_empty() {
-                    break;
-                }
-                // The next message to expire goes back to the work queue.
-                tiers_out.sort();
-                let (back, _, job, seq) = tiers_out.remove(0);
-                now = now.max(back);
-                queue.push_back((job, seq));
             }
-            prop_assert_eq!(sent, (0..fails.len()).collect::<Vec<_>>());
+            prop_assert_eq!(sent, (0..jobs).collect::<Vec<_>>());
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Work {
     pub job: Result<Job, InvalidJob>,
     /// The worker's own trail, from a seal it wrote; fresh for a publisher's message.
     pub trail: Trail,
+    /// Its place among its conversation's jobs ([`Pipeline::arrived`]); 0 for an invalid one.
+    pub seq: u64,
     /// Unix milliseconds when this worker took the message.
     pub received_ms: u64,
 }
@@ -165,19 +167,80 @@ impl Pipeline {
     /// one and the caller took it already (see [`Pipeline::keyless`]).
     pub async fn process(&self, work: Work, keyless: Option<OwnedSemaphorePermit>) -> Outcome {
         if work.session.alive.is_cancelled() || self.abort.is_cancelled() {
+            self.settle(&work, Outcome::HandedBack);
             return Outcome::HandedBack;
         }
         self.metrics.jobs_in_flight.inc();
         let outcome = self.process_inner(&work, keyless).await;
         self.metrics.jobs_in_flight.dec();
-        // A chain member that came back and left without being routed (a duplicate, expired,
-        // a conflict) is no longer out.
-        if let (Ok(job), Some(seq)) = (&work.job, work.trail.chain)
-            && matches!(outcome, Outcome::Duplicate | Outcome::DeadLettered(_))
-        {
-            self.chains.leave(&job.conversation_id, seq);
-        }
+        self.settle(&work, outcome);
         outcome
+    }
+
+    /// The sequence of an arriving job (see [`crate::order`]).
+    pub fn arrived(&self, job: &Job, trail: &Trail) -> u64 {
+        self.chains.arrived(Some(job.id), trail.chain)
+    }
+
+    /// The chain after a job's processing: a member that came back and left without being
+    /// routed (a duplicate, expired, a conflict) is no longer out; a job handed back keeps its
+    /// place until it is redelivered.
+    fn settle(&self, work: &Work, outcome: Outcome) {
+        let Ok(job) = &work.job else { return };
+        match outcome {
+            Outcome::Duplicate | Outcome::DeadLettered(_) => {
+                self.chains.leave(&job.conversation_id, work.seq)
+            }
+            Outcome::HandedBack if !self.stopping.is_cancelled() => self.chains.handed_back(
+                &job.conversation_id,
+                job.id,
+                work.seq,
+                tokio::time::Instant::now(),
+            ),
+            _ => {}
+        }
+    }
+
+    /// Records that `work` is deferred (see [`crate::fair`]) and returns its tier. Call when it
+    /// arrives, before any younger job of its conversation is routed. `waiting`: jobs of its
+    /// conversation in the worker, each taking about `per_job`.
+    pub fn defer(&self, work: &Work, waiting: usize, per_job: Duration) -> Option<usize> {
+        let job = work.job.as_ref().ok()?;
+        Some(self.chains.defer(
+            &job.conversation_id,
+            work.seq,
+            tokio::time::Instant::now(),
+            waiting,
+            per_job,
+        ))
+    }
+
+    /// Sends a deferred job round `tier`, following its conversation's chain, and acks it.
+    /// False if the republish did not go out: the caller gives it back to its lane (it stays
+    /// in the chain, so nothing younger overtakes it).
+    pub async fn park_deferred(&self, work: &Work, tier: usize) -> bool {
+        let Ok(job) = &work.job else { return false };
+        if work.session.alive.is_cancelled() {
+            return false;
+        }
+        let trail = Trail {
+            chain: Some(work.seq),
+            first_seen_ms: Some(self.first_seen_ms(work)),
+            ..work.trail
+        };
+        let extra = trail.headers(&work.delivery.data, &self.trail_key);
+        let properties = self.outgoing(work, extra);
+        let queue = &self.topology.tiers[tier];
+        if !self.republish(work, queue, properties).await {
+            return false;
+        }
+        self.ack(work);
+        self.metrics
+            .jobs_deferred
+            .with_label_values(&[job.kind().as_str()])
+            .inc();
+        debug!(id = %job.id, queue, "deferred: its conversation holds its share of the prefetch");
+        true
     }
 
     async fn process_inner(&self, work: &Work, keyless: Option<OwnedSemaphorePermit>) -> Outcome {
@@ -209,11 +272,10 @@ impl Pipeline {
                 .await
             }
             Some(None) => {
-                match self.chains.route(
-                    &job.conversation_id,
-                    work.trail.chain,
-                    tokio::time::Instant::now(),
-                ) {
+                match self
+                    .chains
+                    .route(&job.conversation_id, work.seq, tokio::time::Instant::now())
+                {
                     Route::Send => self.deliver(work, job, keyless).await,
                     Route::Follow { seq, tier } => {
                         let trail = Trail {
@@ -472,15 +534,15 @@ impl Pipeline {
                                 .jobs_retried
                                 .with_label_values(&[kind.as_str()])
                                 .inc();
-                            let seq = self.chains.parked(
+                            self.chains.parked(
                                 &job.conversation_id,
-                                trail.chain,
+                                work.seq,
                                 tier,
                                 tokio::time::Instant::now(),
                             );
                             let trail = Trail {
                                 retries: trail.retries.saturating_add(1),
-                                chain: Some(seq),
+                                chain: Some(work.seq),
                                 first_seen_ms: Some(self.first_seen_ms(work)),
                                 ..trail
                             };
@@ -596,11 +658,7 @@ impl Pipeline {
         let queue = &self.topology.tiers[tier];
         let properties = self.outgoing(work, extra);
         if !self.republish(work, queue, properties).await {
-            // It did not go out: no member of the chain under this sequence (it comes back with
-            // the one it had, if any).
-            if let Some(seq) = trail.chain.filter(|s| Some(*s) != work.trail.chain) {
-                self.chains.leave(&job.conversation_id, seq);
-            }
+            // It stays in the chain, handed back, until it is redelivered (`settle`).
             return self.hand_back(work).await;
         }
         self.ack(work);

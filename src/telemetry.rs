@@ -65,6 +65,7 @@ pub struct Metrics {
     pub jobs_delivered: IntCounterVec,
     pub jobs_duplicate: IntCounterVec,
     pub jobs_retried: IntCounterVec,
+    pub jobs_deferred: IntCounterVec,
     pub jobs_dead_lettered: IntCounterVec,
     pub api_requests: IntCounterVec,
     pub api_request_duration: HistogramVec,
@@ -128,6 +129,12 @@ impl Metrics {
             jobs_retried: counter(
                 "blinger_worker_jobs_retried_total",
                 "Retries of jobs after a transient failure (in-process or via a delay tier).",
+                &["kind"],
+            ),
+            jobs_deferred: counter(
+                "blinger_worker_jobs_deferred_total",
+                "Jobs sent round the shortest delay tier unsent because their conversation (or the \
+                 keyless kinds) held its share of the prefetch.",
                 &["kind"],
             ),
             jobs_dead_lettered: counter(
@@ -213,6 +220,7 @@ impl Metrics {
             metrics.jobs_delivered.with_label_values(&[kind]);
             metrics.jobs_duplicate.with_label_values(&[kind]);
             metrics.jobs_retried.with_label_values(&[kind]);
+            metrics.jobs_deferred.with_label_values(&[kind]);
             for reason in DeadReason::ALL {
                 metrics
                     .jobs_dead_lettered
@@ -435,6 +443,7 @@ mod tests {
             "blinger_worker_jobs_delivered_total",
             "blinger_worker_jobs_duplicate_total",
             "blinger_worker_jobs_retried_total",
+            "blinger_worker_jobs_deferred_total",
             "blinger_worker_jobs_dead_lettered_total",
             "blinger_worker_api_requests_total",
             "blinger_worker_api_request_duration_seconds_bucket",

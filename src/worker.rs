@@ -124,6 +124,7 @@ impl Worker {
             pipeline.clone(),
             settings.concurrency as usize,
             settings.max_body_bytes,
+            crate::fair::FairShare::new(settings.prefetch),
         );
         Ok(Worker {
             settings,
