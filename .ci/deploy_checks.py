@@ -414,6 +414,15 @@ def crd_check(label: str, rendered: dict[str, str]) -> None:
 
 
 # ----------------------------------------------------------------------------------- rendered contract
+def duration_seconds(text: str) -> int:
+    """A duration such as 10s, 1500ms or 1m30s, in whole seconds rounded up."""
+    parts = re.findall(r"([0-9]+)(ms|s|m)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        fail(f"not a duration: {text!r}")
+    ms = sum(int(n) * {"ms": 1, "s": 1000, "m": 60000}[u] for n, u in parts)
+    return -(-ms // 1000)
+
+
 def find(docs: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str, Any]]:
     return [d for _, d in docs if d.get("kind") == kind]
 
@@ -435,6 +444,12 @@ def statefulset_contract(label: str, values: dict[str, Any], rendered: dict[str,
         grace = int(merged["worker"]["shutdownGraceSeconds"])
         need(pod["terminationGracePeriodSeconds"] > grace,
              f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} not above shutdown grace {grace}")
+        if values.get("terminationGracePeriodSeconds") is None:
+            # The worker's whole shutdown (src/shutdown.rs `budget`): grace + request timeout + 15 s.
+            budget = grace + duration_seconds(str(merged["worker"]["requestTimeout"])) + 15
+            need(pod["terminationGracePeriodSeconds"] >= budget,
+                 f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} below the worker's "
+                 f"shutdown budget {budget} s (grace + request timeout + 15)")
         env = {e["name"]: e for e in ctr["env"]}
         need(WORKER_ENV <= set(env), f"env lacks {sorted(WORKER_ENV - set(env))} (settings in "
                                      f"{CONFIG_RS.relative_to(ROOT)} the chart does not pass)")

@@ -42,6 +42,7 @@ LABELS = {
     "blinger_worker_jobs_delivered_total": {"kind": KINDS},
     "blinger_worker_jobs_duplicate_total": {"kind": KINDS},
     "blinger_worker_jobs_retried_total": {"kind": KINDS},
+    "blinger_worker_jobs_deferred_total": {"kind": KINDS},
     "blinger_worker_jobs_dead_lettered_total": {"kind": KINDS, "reason": REASONS},
     "blinger_worker_api_requests_total": {"endpoint": ENDPOINTS, "status": STATUS},
     "blinger_worker_api_request_duration_seconds": {"endpoint": ENDPOINTS},

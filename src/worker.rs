@@ -52,9 +52,9 @@ pub enum StartError {
     TrailKey(#[from] TrailKeyError),
 }
 
-/// How long a hand-back may take once the grace period is over: jobs mid-call get this long to
-/// see their answer before the channel closes under them.
-const AFTER_GRACE: Duration = Duration::from_secs(5);
+/// Longest wait for the acks of finished jobs to go out at shutdown, and again for the session
+/// to close (a broker that stopped answering).
+const ACKS_AND_CLOSE: Duration = Duration::from_secs(5);
 
 pub struct Worker {
     settings: RunSettings,
@@ -191,6 +191,7 @@ impl Worker {
 
         let mut next_session = Some(first_session);
         let mut reconnect = Reconnect::default();
+        let mut drained = false;
         loop {
             let session = match next_session.take() {
                 Some(session) => session,
@@ -235,10 +236,10 @@ impl Worker {
                 }
                 Ended::Shutdown(link) => {
                     drain(&settings, &pipeline, &dispatcher, &stopping).await;
+                    drained = true;
                     // Finished jobs must be acked before the channel closes, or the broker
                     // redelivers them.
-                    match tokio::time::timeout(Duration::from_secs(5), link.acks.flush(true)).await
-                    {
+                    match tokio::time::timeout(ACKS_AND_CLOSE, link.acks.flush(true)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => {
                             warn!(error = %e, "acks lost at shutdown; those jobs come back as duplicates")
@@ -257,9 +258,14 @@ impl Worker {
         // Shutdown before or between sessions also lands here.
         stopping.cancel();
         pipeline.abort.cancel();
-        // A job mid-call gets its answer (bounded by the request timeout); anything still
-        // running after that is abandoned unacked, and the broker redelivers it.
-        let last_calls = settings.request_timeout + Duration::from_secs(1);
+        // Shutdown between sessions: a job mid-call gets its answer (bounded by the request
+        // timeout). After `drain` that wait is over; anything still running is abandoned unacked,
+        // and the broker redelivers it.
+        let last_calls = if drained {
+            Duration::from_secs(1)
+        } else {
+            settings.request_timeout + Duration::from_secs(1)
+        };
         if tokio::time::timeout(last_calls, dispatcher.drained())
             .await
             .is_err()
@@ -379,7 +385,10 @@ async fn drain(
             "shutdown grace over; handing the remaining jobs back to the broker"
         );
         pipeline.abort.cancel();
-        let _ = tokio::time::timeout(AFTER_GRACE, dispatcher.drained()).await;
+        // Jobs mid-call get their answer (bounded by the request timeout), and are recorded and
+        // acked while the session is still open; the others are handed back at once.
+        let last_calls = settings.request_timeout + Duration::from_secs(1);
+        let _ = tokio::time::timeout(last_calls, dispatcher.drained()).await;
     }
 }
 

@@ -58,10 +58,30 @@ app.kubernetes.io/part-of: blinger-worker
 {{- end }}
 {{- end }}
 
-{{/* terminationGracePeriodSeconds: explicit, else the worker's shutdown grace + 10 s; always above it. */}}
+{{/* worker.requestTimeout in whole seconds (rounded up): 10s, 1m, 1500ms, 1m30s. */}}
+{{- define "blinger-worker.requestTimeoutSeconds" -}}
+{{- $t := toString .Values.worker.requestTimeout }}
+{{- if not (regexMatch "^([0-9]+(ms|s|m))+$" $t) }}
+{{- fail (printf "worker.requestTimeout (%q) must be a duration such as 10s, 1500ms or 1m30s" $t) }}
+{{- end }}
+{{- $ms := 0 }}
+{{- range (regexFindAll "[0-9]+(ms|s|m)" $t -1) }}
+{{- $n := int64 (regexFind "^[0-9]+" .) }}
+{{- if hasSuffix "ms" . }}{{- $ms = add $ms $n }}
+{{- else if hasSuffix "s" . }}{{- $ms = add $ms (mul $n 1000) }}
+{{- else }}{{- $ms = add $ms (mul $n 60000) }}
+{{- end }}
+{{- end }}
+{{- div (add $ms 999) 1000 }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: explicit, else the worker's whole shutdown budget (src/shutdown.rs
+`budget`): shutdown grace + request timeout + 15 s; always above the shutdown grace.
+*/}}
 {{- define "blinger-worker.terminationGracePeriodSeconds" -}}
 {{- $grace := int64 .Values.worker.shutdownGraceSeconds }}
-{{- $tgps := add $grace 10 }}
+{{- $tgps := add $grace (int64 (include "blinger-worker.requestTimeoutSeconds" .)) 15 }}
 {{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) }}
 {{- $tgps = int64 .Values.terminationGracePeriodSeconds }}
 {{- end }}
