@@ -1,4 +1,4 @@
-//! The reliability suite's runner: every scenario of issue 3 (or some), at the FULL sizes by
+//! The reliability suite's runner: every scenario of issues 3 and 11 (or some), at the FULL sizes by
 //! default, against the release binary; prints the figures as markdown and, with `--out`,
 //! writes them as `docs/reliability.md`.
 //!
@@ -21,7 +21,7 @@ use std::time::Instant;
 use suite::report::{Figures, details, machine, table};
 use suite::{Ctx, Profile};
 
-const ALL: [&str; 10] = [
+const ALL: [&str; 13] = [
     "crash",
     "broker_restart",
     "chaos",
@@ -32,6 +32,9 @@ const ALL: [&str; 10] = [
     "secrets",
     "disk",
     "shutdown",
+    "probe_expiry",
+    "forbidden_conversation",
+    "huge_conversation",
 ];
 
 struct Args {
@@ -125,6 +128,9 @@ async fn run_one(name: &str, ctx: &Ctx) -> Figures {
         "secrets" => secrets::run(ctx).await,
         "disk" => disk::run(ctx).await,
         "shutdown" => shutdown::run(ctx).await,
+        "probe_expiry" => probe_expiry::run(ctx).await,
+        "forbidden_conversation" => forbidden_conversation::run(ctx).await,
+        "huge_conversation" => huge_conversation::run(ctx).await,
         _ => unreachable!(),
     }
 }

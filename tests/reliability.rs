@@ -1,4 +1,4 @@
-//! The reliability suite, SHORT profile: every scenario of issue 3 against the real binary, the
+//! The reliability suite, SHORT profile: every scenario of issues 3 and 11 against the real binary, the
 //! real RabbitMQ and the sandbox Blinger, each a test. The scenarios and their figures live in
 //! `tests/reliability/`; the FULL profile runs them at the issue's sizes with
 //! `cargo run --release --example reliability -- --profile full --out docs/reliability.md`.
@@ -51,3 +51,6 @@ scenario!(wrong_token);
 scenario!(secrets);
 scenario!(disk);
 scenario!(shutdown);
+scenario!(probe_expiry);
+scenario!(forbidden_conversation);
+scenario!(huge_conversation);

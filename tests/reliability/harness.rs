@@ -598,6 +598,16 @@ impl WorkerProc {
             .map(|r| r.status().as_u16())
     }
 
+    /// `GET /healthz`: the status, or `None` when nothing answers.
+    pub async fn healthz(&self) -> Option<u16> {
+        http()
+            .get(format!("http://{}/healthz", self.metrics_addr))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
     pub async fn get_text(&self, path: &str) -> Option<String> {
         let r = http()
             .get(format!("http://{}{path}", self.metrics_addr))

@@ -99,6 +99,26 @@ impl Plan {
         id
     }
 
+    /// Adds one job at the end of its conversation that expires at `expires_at` (its JSON's
+    /// `expires_at`, RFC 3339).
+    pub fn push_expiring(
+        &mut self,
+        kind: Kind,
+        conversation: &str,
+        expires_at: time::OffsetDateTime,
+    ) -> Uuid {
+        let id = self.push(kind, conversation);
+        let job = self.jobs.last_mut().expect("just pushed");
+        let mut v: Value = serde_json::from_slice(&job.body).expect("planned JSON");
+        v["expires_at"] = json!(
+            expires_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .expect("RFC 3339")
+        );
+        job.body = v.to_string().into_bytes();
+        id
+    }
+
     /// Adds a job planned elsewhere (its conversation and seq unchanged).
     pub fn push_job(&mut self, job: PlannedJob) {
         self.index.insert(job.id, self.jobs.len());

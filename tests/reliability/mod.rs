@@ -18,7 +18,7 @@
 //!   sandbox's records) and the analysis of what the sandbox received: delivered, lost,
 //!   duplicated, order kept or not, attributed to worker instances (kills);
 //! - [`report`]: figures, checks and the markdown table;
-//! - [`scenarios`]: the ten scenarios of the issue.
+//! - [`scenarios`]: the ten scenarios of issue 3 and the three of issue 11.
 //!
 //! Figures are measured, never asserted: a scenario returns its figures and a list of checks
 //! (the promises of README's "Delivery guarantees"); the test fails when a check fails, the full

@@ -1,4 +1,4 @@
-//! The ten scenarios of issue 3, and what they share: following delivery progress, and
+//! The ten scenarios of issue 3, the three of issue 11 (11 to 13), and what they share: following delivery progress, and
 //! concluding a run (dead-letter queue, store, analysis).
 
 pub mod blinger_down;
@@ -6,8 +6,11 @@ pub mod broker_restart;
 pub mod chaos;
 pub mod crash;
 pub mod disk;
+pub mod forbidden_conversation;
 pub mod hostile;
+pub mod huge_conversation;
 pub mod path_injection;
+pub mod probe_expiry;
 pub mod secrets;
 pub mod shutdown;
 pub mod wrong_token;
@@ -119,6 +122,64 @@ impl Progress {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `/healthz` and `blinger_worker_paused` sampled during a run, for what the scenario cannot
+/// ask the worker afterwards: did it ever say it was unhealthy, how long did a pause last.
+#[derive(Debug, Default)]
+pub struct Samples {
+    /// `/healthz` statuses (`None`: no answer).
+    pub healthz: Vec<Option<u16>>,
+    /// When, and whether the paused gauge was 1 (`None`: no answer).
+    pub paused: Vec<(Instant, Option<bool>)>,
+}
+
+impl Samples {
+    /// One sample of each.
+    pub async fn take(&mut self, worker: &super::harness::WorkerProc) {
+        self.healthz.push(worker.healthz().await);
+        let paused = worker
+            .metric("blinger_worker_paused", &[])
+            .await
+            .map(|v| v == 1.0);
+        self.paused.push((Instant::now(), paused));
+    }
+
+    /// `/healthz` samples that were not 200.
+    pub fn unhealthy(&self) -> usize {
+        self.healthz.iter().filter(|s| **s != Some(200)).count()
+    }
+
+    /// Each stretch of paused samples: from its first paused sample to the first sample after
+    /// it that was not paused (or the last sample, if the run ended paused).
+    pub fn paused_stretches(&self) -> Vec<Duration> {
+        let mut out = Vec::new();
+        let mut since: Option<Instant> = None;
+        for (at, paused) in &self.paused {
+            match (paused, since) {
+                (Some(true), None) => since = Some(*at),
+                (Some(false), Some(s)) => {
+                    out.push(at.duration_since(s));
+                    since = None;
+                }
+                _ => {}
+            }
+        }
+        if let (Some(s), Some((last, _))) = (since, self.paused.last()) {
+            out.push(last.duration_since(s));
+        }
+        out
+    }
+
+    /// The time between two samples: the resolution of the stretches.
+    pub fn mean_interval(&self) -> Duration {
+        match (self.paused.first(), self.paused.last()) {
+            (Some((a, _)), Some((b, _))) if self.paused.len() > 1 => {
+                b.duration_since(*a) / (self.paused.len() as u32 - 1)
+            }
+            _ => Duration::ZERO,
         }
     }
 }
