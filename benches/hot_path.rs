@@ -445,7 +445,7 @@ fn dispatch(c: &mut Criterion) {
                             w.pipeline.clone(),
                             concurrency,
                             LIMIT,
-                            FairShare::new(u16::MAX),
+                            FairShare::off(),
                         );
                         total += rt.block_on(async {
                             let start = Instant::now();
@@ -507,7 +507,7 @@ fn dispatch(c: &mut Criterion) {
                             w.pipeline.clone(),
                             concurrency,
                             LIMIT,
-                            FairShare::new(u16::MAX),
+                            FairShare::off(),
                         );
                         total += rt.block_on(async {
                             let start = Instant::now();

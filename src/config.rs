@@ -280,6 +280,14 @@ pub struct RunSettings {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
+    /// Fair share of the prefetch (see README "Delivery guarantees"): once the worker holds
+    /// prefetch minus this many deliveries, a new job of a conversation holding this many (or of
+    /// a keyless kind while those hold this many) is deferred round a delay tier, so the other
+    /// conversations keep flowing. 0 (the default) turns it off: deferred jobs lose their place
+    /// in their conversation's order across a worker restart. At most prefetch / 2.
+    #[arg(long, env = "BLINGER_WORKER_FAIR_SHARE", default_value_t = 0)]
+    pub fair_share: u16,
+
     /// Cap on calls to Blinger, requests per second (all kinds together).
     #[arg(long, env = "BLINGER_WORKER_RATE_LIMIT", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(1..))]

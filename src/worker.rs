@@ -124,7 +124,7 @@ impl Worker {
             pipeline.clone(),
             settings.concurrency as usize,
             settings.max_body_bytes,
-            crate::fair::FairShare::new(settings.prefetch),
+            crate::fair::FairShare::new(settings.prefetch, settings.fair_share),
         );
         Ok(Worker {
             settings,

@@ -70,7 +70,9 @@ async fn one_huge_conversation_does_not_hold_up_the_others() {
         }
     }
     let started = Instant::now();
-    let worker = env.start_worker(&["--retry-delays", "2s,4s"]).await;
+    let worker = env
+        .start_worker(&["--retry-delays", "2s,4s", "--fair-share", "50"])
+        .await;
     let small_total = SMALL * PER_SMALL as usize;
     let small_done = || {
         accepted_texts(&env)
@@ -155,7 +157,9 @@ async fn a_burst_of_keyless_jobs_does_not_hold_up_the_others() {
         .await;
     }
     let started = Instant::now();
-    let worker = env.start_worker(&["--retry-delays", "2s,4s"]).await;
+    let worker = env
+        .start_worker(&["--retry-delays", "2s,4s", "--fair-share", "50"])
+        .await;
     let texts_in = eventually(Duration::from_secs(8), || {
         worker.delivered("send-text") == TEXTS
     })

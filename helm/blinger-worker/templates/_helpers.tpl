@@ -103,6 +103,7 @@ own default applies.
   "BLINGER_WORKER_CONCURRENCY" (int64 $w.concurrency | toString)
   "BLINGER_WORKER_KEYLESS_CONCURRENCY" (int64 $w.keylessConcurrency | toString)
   "BLINGER_WORKER_PREFETCH" (int64 $w.prefetch | toString)
+  "BLINGER_WORKER_FAIR_SHARE" (int64 $w.fairShare | toString)
   "BLINGER_WORKER_RATE_LIMIT" (int64 $w.rateLimit | toString)
   "BLINGER_WORKER_RATE_BURST" (int64 $w.rateBurst | toString)
   "BLINGER_WORKER_QUEUE_TYPE" ($w.queueType | toString)

@@ -6,6 +6,9 @@
 //! drained. The small conversations must all be delivered within [`SMALL_BOUND`] of the end of
 //! publishing, in order, while the big one drains in order.
 //!
+//! With `BLINGER_WORKER_FAIR_SHARE=50` (a quarter of the default prefetch; the setting is off by
+//! default, see `src/fair.rs`).
+//!
 //! The issue's sizes in both profiles: with fewer big jobs (600, say) the small ones would reach
 //! the worker after ~400 big round trips (~10 s) even with no fair share, and the bound would not
 //! tell. The rate limit is raised to 500/s so that the bound is about the prefetch, not the
@@ -40,7 +43,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     f.setup = format!(
         "{big} jobs to one conversation published first, then {per_small} to each of {small} \
          other conversations (send-text and send-file); sandbox latency {latency_ms} ms; \
-         defaults (prefetch 200, concurrency 64) but rate limit 500/s; tiers {delays}"
+         defaults (prefetch 200, concurrency 64) but rate limit 500/s and fair share 50; tiers {delays}"
     );
     let mut world = World::new(ctx, "huge", delays).await;
     world.sandbox.update(|c| c.latency_ms = latency_ms);
@@ -66,7 +69,10 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let expect_small = Expect::of(&plan, &big_ids);
     let expect_big = Expect::of(&plan, &small_ids);
 
-    let mut worker = world.start_worker(&[("BLINGER_WORKER_RATE_LIMIT", "500")]);
+    let mut worker = world.start_worker(&[
+        ("BLINGER_WORKER_RATE_LIMIT", "500"),
+        ("BLINGER_WORKER_FAIR_SHARE", "50"),
+    ]);
     let ready = worker.wait_ready(Duration::from_secs(30)).await;
     let publish_started = Instant::now();
     world.publish(&plan.messages()).await;
