@@ -97,7 +97,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     while Instant::now() < deadline {
         samples.take(&worker).await;
         progress.poll(&world.sandbox);
-        if dead_done.is_none() && tick % 5 == 0 {
+        if dead_done.is_none() && tick.is_multiple_of(5) {
             let dead_seen = world.ready(&world.names.dead).await.unwrap_or(0) as usize;
             if dead_seen >= forbidden_jobs {
                 dead_done = Some(start_at.elapsed());
