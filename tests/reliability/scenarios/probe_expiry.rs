@@ -29,8 +29,10 @@ const TICK: Duration = Duration::from_millis(100);
 
 pub async fn run(ctx: &Ctx) -> Figures {
     let started = Instant::now();
-    let n = ctx.pick(100, 1_000);
-    let conversations = ctx.pick(20, 100);
+    let n = ctx.pick(300, 1_000);
+    // More lanes than concurrency slots (64) in both profiles: the first full run (100) stayed
+    // paused after the fix (docs/reliability.md, scenario 11).
+    let conversations = ctx.pick(80, 100);
     let expires_in = Duration::from_millis(5_500);
     let mut f = Figures::new("11 probe job expires while paused", ctx);
     f.setup = format!(
@@ -136,6 +138,11 @@ pub async fn run(ctx: &Ctx) -> Figures {
         .filter(|at| *at > others_at && *at < expires_sys)
         .count();
     let refused_while_wrong = world.sandbox.stats().unauthorized;
+    let probes_after_expiry: Vec<&str> = records_wrong
+        .iter()
+        .filter(|r| r.status == 401 && !is_probe(&r.uuid))
+        .map(|r| r.endpoint.as_str())
+        .collect();
 
     // The fix.
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -211,6 +218,10 @@ pub async fn run(ctx: &Ctx) -> Figures {
         format!("{paused_alone:?}, {paused_at_expiry:?}, {paused_after:?}"),
     );
     f.detail("401 answers while the token was wrong", refused_while_wrong);
+    f.detail(
+        "refused probes of other jobs before the fix (endpoint)",
+        probes_after_expiry.join(", "),
+    );
     f.detail(
         "/healthz samples (every ~0.1 s from the first job to the last delivery), not 200",
         format!("{}, {}", samples.healthz.len(), samples.unhealthy()),
