@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
@@ -259,25 +259,8 @@ impl Dispatcher {
         let mut next = self.next_of(&conversation, None);
         while let Some(work) = next {
             let was_keyless = is_keyless(&work);
-            // A keyless job waits for its keyless permit before taking a slot, so a queue of
-            // them never holds up other conversations.
-            let keyless = match was_keyless {
-                true => Some(
-                    self.pipeline
-                        .keyless
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore never closed"),
-                ),
-                false => None,
-            };
             {
-                let _permit = self
-                    .permits
-                    .acquire()
-                    .await
-                    .expect("semaphore never closed");
+                let (_permit, keyless) = self.slot(was_keyless).await;
                 // Boxed: a job's future is kilobytes (the HTTP call's state), and a lane waiting
                 // for a slot should not carry one; only the jobs running at once do.
                 let started = tokio::time::Instant::now();
@@ -290,6 +273,31 @@ impl Dispatcher {
                     });
             }
             next = self.next_of(&conversation, Some(was_keyless));
+        }
+    }
+
+    /// A concurrency slot, and the keyless permit when the job needs one. A keyless job waits
+    /// for its permit before taking a slot, so a queue of them never holds up other
+    /// conversations; and it never holds the permit while it waits for a slot: the jobs holding
+    /// the slots may need the permit to go on (a job back from a backoff, or the probe of a
+    /// pause, gives it up while it waits and takes it again), and a lane holding it while
+    /// waiting for their slots would stop them all for good.
+    async fn slot(&self, keyless: bool) -> (SemaphorePermit<'_>, Option<OwnedSemaphorePermit>) {
+        let permits = &self.pipeline.keyless;
+        loop {
+            if !keyless {
+                let slot = self.permits.acquire().await.expect("never closed");
+                return (slot, None);
+            }
+            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            if let Ok(slot) = self.permits.try_acquire() {
+                return (slot, Some(permit));
+            }
+            drop(permit);
+            let slot = self.permits.acquire().await.expect("never closed");
+            if let Ok(permit) = permits.clone().try_acquire_owned() {
+                return (slot, Some(permit));
+            }
         }
     }
 

@@ -176,3 +176,47 @@ async fn a_delivered_job_coming_back_after_its_expiry_is_a_duplicate() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// A keyless job waiting for a concurrency slot held its keyless permit while every slot was
+/// held by jobs waiting out a pause; when the probe passed to a keyless job, that job waited
+/// for the permit forever: paused after the token was fixed, with `/healthz` 200 (found by the
+/// reliability suite's probe-expiry scenario at 100 conversations over 64 slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_probe_is_not_starved_of_its_permit_by_a_lane_waiting_for_a_slot() {
+    let env = TestEnv::new("keylessprobe").await;
+    let token_file = env.data_dir.path().join("token");
+    std::fs::write(&token_file, "wrong-token\n").unwrap();
+    let token_flag = format!("--api-token-file={}", token_file.display());
+    let worker = env.start_worker(&[&token_flag, "--concurrency", "2"]).await;
+    let review = |c: &str| {
+        json!({
+            "kind": "request-review",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "conversation_id": c,
+        })
+    };
+    // P probes and expires; K1 holds the other slot at the gate; T1, T2 and then K2 (with the
+    // keyless permit K1 let go of) wait for a slot.
+    env.publish(&expiring_job("c-p", "the probe", 3)).await;
+    assert!(eventually(Duration::from_secs(10), || worker.health.is_paused()).await);
+    env.publish(&review("c-k1")).await;
+    for t in ["c-t1", "c-t2"] {
+        env.publish(&text_job(t, "waiting")).await;
+    }
+    env.publish(&review("c-k2")).await;
+    let dl = env.dead_letters(1, Duration::from_secs(15)).await;
+    assert_eq!(dl[0].header("x-blinger-reason"), "expired");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(90), || {
+            worker.delivered("send-text") == 2 && worker.delivered("request-review") == 2
+        })
+        .await,
+        "delivered {} texts, {} reviews; paused: {}",
+        worker.delivered("send-text"),
+        worker.delivered("request-review"),
+        worker.health.is_paused()
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
