@@ -145,7 +145,7 @@ impl Pipeline {
         trail_key: TrailKey,
     ) -> Pipeline {
         Pipeline {
-            chains: Chains::new(policy.tiers.clone()),
+            chains: chains(&store, &policy),
             client,
             token,
             store,
@@ -178,8 +178,32 @@ impl Pipeline {
     }
 
     /// The sequence of an arriving job (see [`crate::order`]).
-    pub fn arrived(&self, job: &Job, trail: &Trail) -> u64 {
-        self.chains.arrived(Some(job.id), trail.chain)
+    pub fn arrived(&self, job: &Job, trail: &Trail, redelivered: bool) -> u64 {
+        self.chains.arrived(Some(job.id), trail.chain, redelivered)
+    }
+
+    /// Routes an arriving job: one younger than members out joins the chain at once
+    /// (`Some(tier)`: send it round with [`Pipeline::send_round`]) rather than wait in its lane
+    /// unacked, so that after a restart every job redelivered without a sequence is older than
+    /// every member out (see [`crate::order`]).
+    pub fn route_on_arrival(&self, work: &Work) -> Option<usize> {
+        let job = work.job.as_ref().ok()?;
+        match self
+            .chains
+            .route(&job.conversation_id, work.seq, tokio::time::Instant::now())
+        {
+            Route::Send => None,
+            Route::Follow { tier, .. } => Some(tier),
+        }
+    }
+
+    /// Waits until the chains written so far are durable, before a job sent round a tier is
+    /// acked. A store that cannot flush costs only the order across a restart: the job is
+    /// acked all the same.
+    async fn chains_durable(&self) {
+        if let Err(e) = self.store.flush().await {
+            warn!(error = %e, "chains not durable: a restart now may let jobs overtake jobs out in the delay tiers");
+        }
     }
 
     /// The chain after a job's processing: a member that came back and left without being
@@ -215,10 +239,11 @@ impl Pipeline {
         ))
     }
 
-    /// Sends a deferred job round `tier`, following its conversation's chain, and acks it.
-    /// False if the republish did not go out: the caller gives it back to its lane (it stays
-    /// in the chain, so nothing younger overtakes it).
-    pub async fn park_deferred(&self, work: &Work, tier: usize) -> bool {
+    /// Sends a job round `tier` unsent, as a member of its conversation's chain (already
+    /// recorded: deferred, see [`crate::fair`], or following), and acks it. False if the
+    /// republish did not go out: the caller gives it back to its lane (it stays in the chain,
+    /// so nothing younger overtakes it).
+    pub async fn send_round(&self, work: &Work, tier: usize, deferred: bool) -> bool {
         let Ok(job) = &work.job else { return false };
         if work.session.alive.is_cancelled() {
             return false;
@@ -234,12 +259,17 @@ impl Pipeline {
         if !self.republish(work, queue, properties).await {
             return false;
         }
+        self.chains_durable().await;
         self.ack(work);
-        self.metrics
-            .jobs_deferred
-            .with_label_values(&[job.kind().as_str()])
-            .inc();
-        debug!(id = %job.id, queue, "deferred: its conversation holds its share of the prefetch");
+        if deferred {
+            self.metrics
+                .jobs_deferred
+                .with_label_values(&[job.kind().as_str()])
+                .inc();
+            debug!(id = %job.id, queue, "deferred: its conversation holds its share of the prefetch");
+        } else {
+            debug!(id = %job.id, queue, "following older jobs of its conversation");
+        }
         true
     }
 
@@ -661,6 +691,7 @@ impl Pipeline {
             // It stays in the chain, handed back, until it is redelivered (`settle`).
             return self.hand_back(work).await;
         }
+        self.chains_durable().await;
         self.ack(work);
         if failure.is_some() {
             info!(id = %job.id, queue, "parked in a delay tier");
@@ -838,6 +869,25 @@ impl Pipeline {
             _ = tokio::time::sleep(delay) => true,
         }
     }
+}
+
+/// The chains, kept in the store across restarts.
+fn chains(store: &Store, policy: &RetryPolicy) -> Chains {
+    struct InStore(Store);
+    impl crate::order::Journal for InStore {
+        fn write(&self, conversation: &str, members: &[(u64, u64)]) {
+            self.0.write_chain(conversation, members);
+        }
+    }
+    let restored = store.chains().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the chains of the last run: jobs may overtake jobs out in the delay tiers");
+        Vec::new()
+    });
+    Chains::with_journal(
+        policy.tiers.clone(),
+        Box::new(InStore(store.clone())),
+        restored,
+    )
 }
 
 /// Longest wait between two attempts on a failing store: short, so work resumes soon after the

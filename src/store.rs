@@ -19,6 +19,11 @@
 //! recorded again by the pipeline's retry. A record is reported durable only if the flush that
 //! followed it ran on the same opening of the database it was written to.
 //!
+//! The store also keeps the worker's chains ([`crate::order`]): which jobs of a conversation
+//! are out in the delay tiers, so that their order survives a restart. A chain is written as a
+//! whole per conversation, in the order the chains change, through the same writer thread; a
+//! caller that needs it durable (before acking a job it sent out) waits for a [`Store::flush`].
+//!
 //! sled is kept behind this module (it carries RustSec "unmaintained" advisories): swapping it
 //! touches nothing else.
 
@@ -85,6 +90,11 @@ enum Request {
     },
     /// Answer after a flush that starts after this request.
     Flush(FlushWaiter),
+    /// Replace a conversation's chain (remove it when `members` is empty); answered by no one.
+    Chain {
+        conversation: String,
+        members: Vec<u8>,
+    },
 }
 
 /// Page cache of the store. Lookups are by exact key and mostly for recent jobs.
@@ -118,6 +128,9 @@ struct Handles {
     /// (16 bytes each). Stores written before batching hold one entry per record: key
     /// `delivered_at ++ uuid`, empty value; pruning reads both.
     by_time: sled::Tree,
+    /// Chains: conversation id → its members out, 16 bytes each: sequence, then expected return
+    /// (Unix ms), both big-endian.
+    chains: sled::Tree,
 }
 
 /// What the store handles and the writer thread share.
@@ -186,11 +199,13 @@ fn open_handles(dir: &Path, generation: u64) -> Result<Handles, StoreError> {
     .map_err(open_err)?;
     let delivered = db.open_tree("delivered").map_err(open_err)?;
     let by_time = db.open_tree("delivered_by_time").map_err(open_err)?;
+    let chains = db.open_tree("chains").map_err(open_err)?;
     Ok(Handles {
         generation,
         db,
         delivered,
         by_time,
+        chains,
     })
 }
 
@@ -332,6 +347,44 @@ impl Store {
         wait(answer).await.map(drop)
     }
 
+    /// Replaces `conversation`'s chain: its members out, as (sequence, expected return in Unix
+    /// ms). Durable with the next flush; writes of one caller land in the order they were made.
+    pub fn write_chain(&self, conversation: &str, members: &[(u64, u64)]) {
+        let members = members
+            .iter()
+            .flat_map(|(seq, back)| seq.to_be_bytes().into_iter().chain(back.to_be_bytes()))
+            .collect();
+        let _ = self.inner.requests.send(Request::Chain {
+            conversation: conversation.to_owned(),
+            members,
+        });
+    }
+
+    /// Every chain written and not emptied since: (conversation, members as in
+    /// [`Store::write_chain`]). Entries that do not decode are skipped.
+    pub fn chains(&self) -> Result<Vec<(String, Vec<(u64, u64)>)>, StoreError> {
+        let h = self.handles()?;
+        let mut out = Vec::new();
+        for entry in h.chains.iter() {
+            let (key, value) = entry?;
+            let Ok(conversation) = String::from_utf8(key.to_vec()) else {
+                continue;
+            };
+            let members = value
+                .chunks_exact(16)
+                .map(|m| {
+                    let (seq, back) = m.split_at(8);
+                    (
+                        u64::from_be_bytes(seq.try_into().expect("8 bytes")),
+                        u64::from_be_bytes(back.try_into().expect("8 bytes")),
+                    )
+                })
+                .collect();
+            out.push((conversation, members));
+        }
+        Ok(out)
+    }
+
     /// Waits for a flush that starts after this call: everything written before is then durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.flush_generation().await.map(drop)
@@ -470,8 +523,9 @@ fn writer(shared: &Shared, mut requests: mpsc::UnboundedReceiver<Request>) {
         }
         let result = write_batch(shared, &batch);
         for request in batch.drain(..) {
-            let (Request::Record { done, .. } | Request::Flush(done)) = request;
-            let _ = done.send(result.clone());
+            if let Request::Record { done, .. } | Request::Flush(done) = request {
+                let _ = done.send(result.clone());
+            }
         }
     }
 }
@@ -489,12 +543,26 @@ fn write_batch(shared: &Shared, batch: &[Request]) -> Result<u64, String> {
 }
 
 fn insert_batch(h: &Handles, batch: &[Request]) -> sled::Result<()> {
+    for request in batch {
+        if let Request::Chain {
+            conversation,
+            members,
+        } = request
+        {
+            if members.is_empty() {
+                h.chains.remove(conversation.as_bytes())?;
+            } else {
+                h.chains
+                    .insert(conversation.as_bytes(), members.as_slice())?;
+            }
+        }
+    }
     let records = || {
         batch.iter().filter_map(|r| match r {
             Request::Record {
                 id, at_ms, value, ..
             } => Some((id, *at_ms, value)),
-            Request::Flush(_) => None,
+            Request::Flush(_) | Request::Chain { .. } => None,
         })
     };
     let Some(newest) = records().map(|(_, at_ms, _)| at_ms).max() else {
@@ -532,6 +600,29 @@ mod tests {
             attempts: 1,
             digest: None,
         }
+    }
+
+    #[tokio::test]
+    async fn chains_survive_close_and_reopen_in_the_order_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.write_chain("a", &[(1, 100)]);
+        store.write_chain("a", &[(1, 100), (7, 200)]);
+        store.write_chain("b", &[(3, 300)]);
+        store.write_chain("b", &[]);
+        store.write_chain("c/ü", &[(u64::MAX, 0)]);
+        store.flush().await.unwrap();
+        store.close().await.unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut chains = store.chains().unwrap();
+        chains.sort();
+        assert_eq!(
+            chains,
+            vec![
+                ("a".to_owned(), vec![(1, 100), (7, 200)]),
+                ("c/ü".to_owned(), vec![(u64::MAX, 0)]),
+            ]
+        );
     }
 
     #[tokio::test]
