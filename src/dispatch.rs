@@ -183,9 +183,11 @@ impl Dispatcher {
         lanes.total += 1;
         lanes.keyless += usize::from(keyless);
         let per_job = Duration::from_micros(self.job_micros.load(Ordering::Relaxed));
-        // Not while paused: nothing flows then, and deferred jobs would only go round.
+        // Not while paused: nothing flows then, and deferred jobs would only go round. Not a job
+        // redelivered without its place (see `Chains::is_redelivered`).
         if self.fair.admit(held, keyless) == Admit::Defer
             && !self.pipeline.gate.is_paused()
+            && !crate::order::Chains::is_redelivered(work.seq)
             && let Some(tier) = self.pipeline.defer(&work, held.conversation, per_job)
         {
             drop(lanes);

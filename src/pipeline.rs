@@ -190,7 +190,7 @@ impl Pipeline {
         let job = work.job.as_ref().ok()?;
         match self
             .chains
-            .route(&job.conversation_id, work.seq, tokio::time::Instant::now())
+            .route(&job.conversation_id, job.id, work.seq, tokio::time::Instant::now())
         {
             Route::Send => None,
             Route::Follow { tier, .. } => Some(tier),
@@ -208,20 +208,24 @@ impl Pipeline {
 
     /// The chain after a job's processing: a member that came back and left without being
     /// routed (a duplicate, expired, a conflict) is no longer out; a job handed back keeps its
-    /// place until it is redelivered.
+    /// place until it is redelivered (when stopping, its sequence is enough: see
+    /// [`Chains::remember`]); a job acked no longer needs its sequence kept.
     fn settle(&self, work: &Work, outcome: Outcome) {
         let Ok(job) = &work.job else { return };
+        let now = tokio::time::Instant::now();
         match outcome {
-            Outcome::Duplicate | Outcome::DeadLettered(_) => {
-                self.chains.leave(&job.conversation_id, work.seq)
+            Outcome::HandedBack if self.stopping.is_cancelled() => {
+                self.chains.remember(job.id, work.seq, now)
             }
-            Outcome::HandedBack if !self.stopping.is_cancelled() => self.chains.handed_back(
-                &job.conversation_id,
-                job.id,
-                work.seq,
-                tokio::time::Instant::now(),
-            ),
-            _ => {}
+            Outcome::HandedBack => {
+                self.chains
+                    .handed_back(&job.conversation_id, job.id, work.seq, now)
+            }
+            Outcome::Duplicate | Outcome::DeadLettered(_) => {
+                self.chains.leave(&job.conversation_id, work.seq);
+                self.chains.done(job.id);
+            }
+            _ => self.chains.done(job.id),
         }
     }
 
@@ -232,6 +236,7 @@ impl Pipeline {
         let job = work.job.as_ref().ok()?;
         Some(self.chains.defer(
             &job.conversation_id,
+            job.id,
             work.seq,
             tokio::time::Instant::now(),
             waiting,
@@ -261,6 +266,7 @@ impl Pipeline {
         }
         self.chains_durable().await;
         self.ack(work);
+        self.chains.done(job.id);
         if deferred {
             self.metrics
                 .jobs_deferred
@@ -304,7 +310,7 @@ impl Pipeline {
             Some(None) => {
                 match self
                     .chains
-                    .route(&job.conversation_id, work.seq, tokio::time::Instant::now())
+                    .route(&job.conversation_id, job.id, work.seq, tokio::time::Instant::now())
                 {
                     Route::Send => self.deliver(work, job, keyless).await,
                     Route::Follow { seq, tier } => {
@@ -566,6 +572,7 @@ impl Pipeline {
                                 .inc();
                             self.chains.parked(
                                 &job.conversation_id,
+                                job.id,
                                 work.seq,
                                 tier,
                                 tokio::time::Instant::now(),
@@ -875,14 +882,25 @@ impl Pipeline {
 fn chains(store: &Store, policy: &RetryPolicy) -> Chains {
     struct InStore(Store);
     impl crate::order::Journal for InStore {
-        fn write(&self, conversation: &str, members: &[(u64, u64)]) {
+        fn write(&self, conversation: &str, members: &[crate::order::SavedMember]) {
             self.0.write_chain(conversation, members);
         }
+        fn know(&self, id: uuid::Uuid, known: Option<crate::order::SavedKnown>) {
+            self.0.write_known(&id, known);
+        }
     }
-    let restored = store.chains().unwrap_or_else(|e| {
-        warn!(error = %e, "cannot read the chains of the last run: jobs may overtake jobs out in the delay tiers");
-        Vec::new()
-    });
+    let restored = store
+        .chains()
+        .and_then(|chains| {
+            Ok(crate::order::Restored {
+                chains,
+                known: store.known()?,
+            })
+        })
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the chains of the last run: jobs may overtake jobs out in the delay tiers");
+            crate::order::Restored::default()
+        });
     Chains::with_journal(
         policy.tiers.clone(),
         Box::new(InStore(store.clone())),

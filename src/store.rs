@@ -23,6 +23,8 @@
 //! are out in the delay tiers, so that their order survives a restart. A chain is written as a
 //! whole per conversation, in the order the chains change, through the same writer thread; a
 //! caller that needs it durable (before acking a job it sent out) waits for a [`Store::flush`].
+//! Beside them, the sequences of jobs handed back to the broker, by job id, until the job is
+//! done: such a job may come back without its sequence.
 //!
 //! sled is kept behind this module (it carries RustSec "unmaintained" advisories): swapping it
 //! touches nothing else.
@@ -35,6 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
+
+use crate::order::{SavedChain, SavedKnown, SavedMember};
 
 /// What the store knows of a delivered job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,11 +99,19 @@ enum Request {
         conversation: String,
         members: Vec<u8>,
     },
+    /// Keep (or, with `None`, forget) a handed-back job's sequence; answered by no one.
+    Known {
+        id: [u8; 16],
+        entry: Option<[u8; 16]>,
+    },
 }
 
 /// Page cache of the store. Lookups are by exact key and mostly for recent jobs.
 /// 4 MiB rather than 16: a worker's RSS grows with its page cache (measured in
 /// docs/performance.md), and a lookup that misses it reads from the OS page cache.
+/// Bytes of a chain member in the `chains` tree: sequence, expected return (Unix ms), job id.
+const CHAIN_MEMBER: usize = 8 + 8 + 16;
+
 const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Least time between two attempts to reopen a broken database.
@@ -128,9 +140,12 @@ struct Handles {
     /// (16 bytes each). Stores written before batching hold one entry per record: key
     /// `delivered_at ++ uuid`, empty value; pruning reads both.
     by_time: sled::Tree,
-    /// Chains: conversation id → its members out, 16 bytes each: sequence, then expected return
-    /// (Unix ms), both big-endian.
+    /// Chains: conversation id → its members out, 32 bytes each: sequence, then expected return
+    /// (Unix ms), both big-endian, then the job id.
     chains: sled::Tree,
+    /// Handed-back jobs: job id → sequence, then when it was handed back (Unix ms), both
+    /// big-endian.
+    known: sled::Tree,
 }
 
 /// What the store handles and the writer thread share.
@@ -200,12 +215,14 @@ fn open_handles(dir: &Path, generation: u64) -> Result<Handles, StoreError> {
     let delivered = db.open_tree("delivered").map_err(open_err)?;
     let by_time = db.open_tree("delivered_by_time").map_err(open_err)?;
     let chains = db.open_tree("chains").map_err(open_err)?;
+    let known = db.open_tree("chain_known").map_err(open_err)?;
     Ok(Handles {
         generation,
         db,
         delivered,
         by_time,
         chains,
+        known,
     })
 }
 
@@ -347,12 +364,18 @@ impl Store {
         wait(answer).await.map(drop)
     }
 
-    /// Replaces `conversation`'s chain: its members out, as (sequence, expected return in Unix
-    /// ms). Durable with the next flush; writes of one caller land in the order they were made.
-    pub fn write_chain(&self, conversation: &str, members: &[(u64, u64)]) {
+    /// Replaces `conversation`'s chain: its members out (see [`crate::order`]). Durable with the
+    /// next flush; writes of one caller land in the order they were made.
+    pub fn write_chain(&self, conversation: &str, members: &[SavedMember]) {
         let members = members
             .iter()
-            .flat_map(|(seq, back)| seq.to_be_bytes().into_iter().chain(back.to_be_bytes()))
+            .flat_map(|m| {
+                m.seq
+                    .to_be_bytes()
+                    .into_iter()
+                    .chain(m.back_ms.to_be_bytes())
+                    .chain(*m.id.as_bytes())
+            })
             .collect();
         let _ = self.inner.requests.send(Request::Chain {
             conversation: conversation.to_owned(),
@@ -360,9 +383,9 @@ impl Store {
         });
     }
 
-    /// Every chain written and not emptied since: (conversation, members as in
-    /// [`Store::write_chain`]). Entries that do not decode are skipped.
-    pub fn chains(&self) -> Result<Vec<(String, Vec<(u64, u64)>)>, StoreError> {
+    /// Every chain written and not emptied since, as written by [`Store::write_chain`]. Entries
+    /// that do not decode are skipped.
+    pub fn chains(&self) -> Result<Vec<SavedChain>, StoreError> {
         let h = self.handles()?;
         let mut out = Vec::new();
         for entry in h.chains.iter() {
@@ -370,17 +393,55 @@ impl Store {
             let Ok(conversation) = String::from_utf8(key.to_vec()) else {
                 continue;
             };
+            if value.len() % CHAIN_MEMBER != 0 {
+                continue;
+            }
             let members = value
-                .chunks_exact(16)
-                .map(|m| {
-                    let (seq, back) = m.split_at(8);
-                    (
-                        u64::from_be_bytes(seq.try_into().expect("8 bytes")),
-                        u64::from_be_bytes(back.try_into().expect("8 bytes")),
-                    )
+                .chunks_exact(CHAIN_MEMBER)
+                .map(|m| SavedMember {
+                    seq: u64::from_be_bytes(m[..8].try_into().expect("8 bytes")),
+                    back_ms: u64::from_be_bytes(m[8..16].try_into().expect("8 bytes")),
+                    id: Uuid::from_bytes(m[16..].try_into().expect("16 bytes")),
                 })
                 .collect();
             out.push((conversation, members));
+        }
+        Ok(out)
+    }
+
+    /// Keeps handed-back job `id`'s sequence (see [`crate::order`]), or forgets it with `None`.
+    /// Durable with the next flush, in the order written.
+    pub fn write_known(&self, id: &Uuid, known: Option<SavedKnown>) {
+        let entry = known.map(|k| {
+            let mut entry = [0; 16];
+            entry[..8].copy_from_slice(&k.seq.to_be_bytes());
+            entry[8..].copy_from_slice(&k.at_ms.to_be_bytes());
+            entry
+        });
+        let _ = self.inner.requests.send(Request::Known {
+            id: *id.as_bytes(),
+            entry,
+        });
+    }
+
+    /// Every handed-back job kept by [`Store::write_known`] and not forgotten since. Entries that
+    /// do not decode are skipped.
+    pub fn known(&self) -> Result<Vec<(Uuid, SavedKnown)>, StoreError> {
+        let h = self.handles()?;
+        let mut out = Vec::new();
+        for entry in h.known.iter() {
+            let (key, value) = entry?;
+            let (Ok(id), Ok(value)) = (<[u8; 16]>::try_from(&key[..]), <[u8; 16]>::try_from(&value[..]))
+            else {
+                continue;
+            };
+            out.push((
+                Uuid::from_bytes(id),
+                SavedKnown {
+                    seq: u64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
+                    at_ms: u64::from_be_bytes(value[8..].try_into().expect("8 bytes")),
+                },
+            ));
         }
         Ok(out)
     }
@@ -544,17 +605,30 @@ fn write_batch(shared: &Shared, batch: &[Request]) -> Result<u64, String> {
 
 fn insert_batch(h: &Handles, batch: &[Request]) -> sled::Result<()> {
     for request in batch {
-        if let Request::Chain {
-            conversation,
-            members,
-        } = request
-        {
-            if members.is_empty() {
+        match request {
+            Request::Chain {
+                conversation,
+                members,
+            } if members.is_empty() => {
                 h.chains.remove(conversation.as_bytes())?;
-            } else {
+            }
+            Request::Chain {
+                conversation,
+                members,
+            } => {
                 h.chains
                     .insert(conversation.as_bytes(), members.as_slice())?;
             }
+            Request::Known { id, entry: None } => {
+                h.known.remove(id)?;
+            }
+            Request::Known {
+                id,
+                entry: Some(entry),
+            } => {
+                h.known.insert(id, entry)?;
+            }
+            Request::Record { .. } | Request::Flush(_) => {}
         }
     }
     let records = || {
@@ -562,7 +636,7 @@ fn insert_batch(h: &Handles, batch: &[Request]) -> sled::Result<()> {
             Request::Record {
                 id, at_ms, value, ..
             } => Some((id, *at_ms, value)),
-            Request::Flush(_) | Request::Chain { .. } => None,
+            Request::Flush(_) | Request::Chain { .. } | Request::Known { .. } => None,
         })
     };
     let Some(newest) = records().map(|(_, at_ms, _)| at_ms).max() else {
@@ -603,14 +677,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chains_survive_close_and_reopen_in_the_order_written() {
+    async fn chains_and_handed_back_jobs_survive_close_and_reopen_in_the_order_written() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.write_chain("a", &[(1, 100)]);
-        store.write_chain("a", &[(1, 100), (7, 200)]);
-        store.write_chain("b", &[(3, 300)]);
+        let member = |seq, back_ms| SavedMember {
+            seq,
+            back_ms,
+            id: Uuid::from_u128(u128::from(seq) << 64 | u128::from(back_ms)),
+        };
+        store.write_chain("a", &[member(1, 100)]);
+        store.write_chain("a", &[member(1, 100), member(7, 200)]);
+        store.write_chain("b", &[member(3, 300)]);
         store.write_chain("b", &[]);
-        store.write_chain("c/ü", &[(u64::MAX, 0)]);
+        store.write_chain("c/ü", &[member(u64::MAX, 0)]);
+        let (kept, forgotten) = (Uuid::new_v4(), Uuid::new_v4());
+        let known = SavedKnown { seq: 9, at_ms: 900 };
+        store.write_known(&kept, Some(known));
+        store.write_known(&forgotten, Some(known));
+        store.write_known(&forgotten, None);
         store.flush().await.unwrap();
         store.close().await.unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -619,10 +703,11 @@ mod tests {
         assert_eq!(
             chains,
             vec![
-                ("a".to_owned(), vec![(1, 100), (7, 200)]),
-                ("c/ü".to_owned(), vec![(u64::MAX, 0)]),
+                ("a".to_owned(), vec![member(1, 100), member(7, 200)]),
+                ("c/ü".to_owned(), vec![member(u64::MAX, 0)]),
             ]
         );
+        assert_eq!(store.known().unwrap(), vec![(kept, known)]);
     }
 
     #[tokio::test]
