@@ -27,7 +27,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::fair::{Admit, FairShare, Held};
 use crate::job;
@@ -137,7 +137,11 @@ impl Dispatcher {
             );
         }
         let seq = match &job {
-            Ok(job) => self.pipeline.arrived(job, &trail, delivery.redelivered),
+            Ok(job) => {
+                let seq = self.pipeline.arrived(job, &trail);
+                debug!(id = %job.id, seq, chain = ?trail.chain, redelivered = delivery.redelivered, "arrived");
+                seq
+            }
             Err(_) => 0,
         };
         let work = Work {
@@ -183,11 +187,9 @@ impl Dispatcher {
         lanes.total += 1;
         lanes.keyless += usize::from(keyless);
         let per_job = Duration::from_micros(self.job_micros.load(Ordering::Relaxed));
-        // Not while paused: nothing flows then, and deferred jobs would only go round. Not a job
-        // redelivered without its place (see `Chains::is_redelivered`).
+        // Not while paused: nothing flows then, and deferred jobs would only go round.
         if self.fair.admit(held, keyless) == Admit::Defer
             && !self.pipeline.gate.is_paused()
-            && !crate::order::Chains::is_redelivered(work.seq)
             && let Some(tier) = self.pipeline.defer(&work, held.conversation, per_job)
         {
             drop(lanes);

@@ -60,14 +60,10 @@ pub enum Route {
 
 pub struct Chains {
     chains: Mutex<HashMap<String, BTreeMap<u64, Member>>>,
-    /// Sequences of jobs handed back to the broker (or whose republish may not have gone out
-    /// when the last process stopped), by job id, until the job is done: a redelivery comes
-    /// without its sequence.
-    handed_back: Mutex<HashMap<Uuid, (u64, Instant)>>,
+    /// The sequences of jobs that arrived without one in their header, by job id, from their
+    /// arrival until they are done (acked): a redelivery comes without it.
+    known: Mutex<HashMap<Uuid, (u64, Instant)>>,
     next_seq: AtomicU64,
-    /// Sequences of jobs redelivered without one: below [`OLD_SEQ_END`], so below every
-    /// sequence from the clock.
-    old_seq: AtomicU64,
     tiers: Vec<Duration>,
     journal: Option<Box<dyn Journal>>,
     /// An instant and the Unix milliseconds it was, to write expected returns as wall-clock
@@ -93,8 +89,9 @@ pub struct SavedMember {
 }
 
 /// A handed-back job's sequence as a [`Journal`] keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SavedKnown {
+    pub conversation: String,
     pub seq: u64,
     /// When it was handed back, in Unix ms.
     pub at_ms: u64,
@@ -119,25 +116,25 @@ pub struct Restored {
     pub known: Vec<(Uuid, SavedKnown)>,
 }
 
-/// Sequences below this are for jobs redelivered without one; the clock's (microseconds since
-/// 1970) are far above it.
-const OLD_SEQ_END: u64 = 1 << 50;
+/// Known sequences kept before old ones are swept: far more than a prefetch (at most 65,535)
+/// holds. A job's sequence is forgotten when it is done; these are the jobs handed back that
+/// never came back (another consumer took them, a purge).
+const KNOWN_SWEEP: usize = 1 << 18;
 
-/// Handed-back entries kept before expired ones are swept.
-const HANDED_BACK_SWEEP: usize = 1024;
+/// How long a known sequence is kept, at most: a job consumed, handed back and not redelivered
+/// for this long is not coming back.
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
 
 impl Chains {
     pub fn new(tiers: Vec<Duration>) -> Chains {
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
-            .unwrap_or(0)
-            .max(OLD_SEQ_END);
+            .unwrap_or(0);
         Chains {
             chains: Mutex::new(HashMap::new()),
-            handed_back: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(start),
-            old_seq: AtomicU64::new(1),
             tiers,
             journal: None,
             anchor: (Instant::now(), unix_ms()),
@@ -165,29 +162,24 @@ impl Chains {
         let (now, now_ms) = anchor;
         let mut map = HashMap::new();
         let mut known = HashMap::new();
-        let lost_ms = LOST_AFTER.as_millis() as u64;
+        let known_ms = KNOWN_FOR.as_millis() as u64;
         for (id, k) in restored.known {
-            if k.at_ms + lost_ms > now_ms {
+            if k.at_ms + known_ms > now_ms {
                 known.insert(id, (k.seq, instant_of(k.at_ms, now, now_ms)));
             } else {
                 journal.know(id, None);
             }
         }
         for (conversation, members) in restored.chains {
+            // Members due back while no process ran are likely in the work queue by now: each
+            // is given its margin from the start of this process.
             let out: BTreeMap<u64, Member> = members
                 .into_iter()
-                .filter(|m| m.back_ms + lost_ms > now_ms)
                 .map(|m| {
-                    let back = instant_of(m.back_ms, now, now_ms);
+                    let back = instant_of(m.back_ms, now, now_ms).max(now);
                     (m.seq, Member { back, id: m.id })
                 })
                 .collect();
-            for (&seq, member) in &out {
-                // A member whose message may still be in the work queue (its republish not
-                // confirmed when the process died) comes back without its sequence: its id
-                // finds it.
-                known.entry(member.id).or_insert((seq, now));
-            }
             if !out.is_empty() {
                 map.insert(conversation, out);
             }
@@ -197,48 +189,58 @@ impl Chains {
             .flat_map(|out| out.keys().copied())
             .chain(known.values().map(|(seq, _)| *seq));
         for seq in seqs {
-            // Never a sequence at or below one restored: a job redelivered without one is
-            // younger than those redelivered to an earlier process (the broker redelivers in
-            // order), and a clock may have gone back.
-            let counter = if seq < OLD_SEQ_END {
-                &chains.old_seq
-            } else {
-                &chains.next_seq
-            };
-            counter.fetch_max(seq + 1, Ordering::Relaxed);
+            // Never a sequence at or below one restored (a clock that went back).
+            chains.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
         }
         chains.chains = Mutex::new(map);
-        chains.handed_back = Mutex::new(known);
+        chains.known = Mutex::new(known);
         chains.journal = Some(journal);
         chains
     }
 
-    /// The sequence of an arriving job: the one in its sealed header (a member coming back),
-    /// the one it had when it was handed back (kept until [`Chains::done`]), one older than
-    /// every member out if it is `redelivered` without either (see the module docs), or a new
-    /// one (younger than every job so far).
-    pub fn arrived(&self, id: Option<Uuid>, header: Option<u64>, redelivered: bool) -> u64 {
-        let remembered = id.and_then(|id| {
-            self.handed_back
-                .lock()
-                .expect("chains lock")
-                .get(&id)
-                .map(|(seq, _)| *seq)
-        });
-        header.or(remembered).unwrap_or_else(|| {
-            if redelivered {
-                self.old_seq.fetch_add(1, Ordering::Relaxed)
-            } else {
-                self.new_seq()
-            }
-        })
-    }
-
-    /// Whether `seq` was given to a job redelivered without one. Such a job must not be deferred
-    /// ([`crate::fair`]): after another restart, a job redelivered again without a sequence could
-    /// not be told older or younger than it.
-    pub fn is_redelivered(seq: u64) -> bool {
-        seq < OLD_SEQ_END
+    /// The sequence of an arriving job of `conversation`: the one in its sealed header (a
+    /// member coming back), the one it was given when it first arrived (kept, in the journal
+    /// too, until [`Chains::done`]), or a new one, younger than every job so far, kept from now
+    /// on.
+    ///
+    /// A job redelivered with neither arrived in a process that died before the journal had
+    /// its sequence. The journal applies writes in order and keeps a prefix of them, so
+    /// everything it kept happened before that job arrived: every member out and every known
+    /// sequence of its conversation is older than it, and so is a new sequence.
+    pub fn arrived(&self, conversation: &str, id: Uuid, header: Option<u64>) -> u64 {
+        if let Some(seq) = header {
+            return seq;
+        }
+        let mut known = self.known.lock().expect("chains lock");
+        if let Some((seq, _)) = known.get(&id) {
+            return *seq;
+        }
+        let seq = self.new_seq();
+        let now = Instant::now();
+        if known.len() >= KNOWN_SWEEP {
+            known.retain(|id, (_, at)| {
+                let keep = *at + KNOWN_FOR / 24 > now;
+                if !keep && let Some(journal) = &self.journal {
+                    journal.know(*id, None);
+                }
+                keep
+            });
+        }
+        known.insert(id, (seq, now));
+        if let Some(journal) = &self.journal {
+            let (at, at_ms) = self.anchor;
+            let at_ms = unix_ms_of(now, at, at_ms);
+            let conversation = conversation.to_owned();
+            journal.know(
+                id,
+                Some(SavedKnown {
+                    conversation,
+                    seq,
+                    at_ms,
+                }),
+            );
+        }
+        seq
     }
 
     /// Writes `conversation`'s chain to the journal (under the chains lock).
@@ -337,44 +339,18 @@ impl Chains {
     }
 
     /// Records that job `id` (`seq`) was handed back to the broker: it counts as out until it is
-    /// redelivered, or for [`LOST_AFTER`], and keeps its sequence ([`Chains::remember`]).
+    /// redelivered (with its sequence: [`Chains::arrived`]), or for [`LOST_AFTER`].
     pub fn handed_back(&self, conversation: &str, id: Uuid, seq: u64, now: Instant) {
-        {
-            let mut chains = self.chains.lock().expect("chains lock");
-            let out = chains.entry(conversation.to_owned()).or_default();
-            out.insert(seq, Member { back: now, id });
-            self.save(conversation, Some(out));
-        }
-        self.remember(id, seq, now);
-    }
-
-    /// Keeps job `id`'s sequence, in the journal too, until [`Chains::done`] (or for
-    /// [`LOST_AFTER`]): the job was handed back, and its redelivery comes without it. When the
-    /// process stops, this is enough for the jobs waiting in it: they are redelivered before
-    /// anything that comes back from a tier.
-    pub fn remember(&self, id: Uuid, seq: u64, now: Instant) {
-        let mut handed_back = self.handed_back.lock().expect("chains lock");
-        if handed_back.len() >= HANDED_BACK_SWEEP {
-            handed_back.retain(|id, (_, at)| {
-                let keep = *at + LOST_AFTER > now;
-                if !keep && let Some(journal) = &self.journal {
-                    journal.know(*id, None);
-                }
-                keep
-            });
-        }
-        handed_back.insert(id, (seq, now));
-        if let Some(journal) = &self.journal {
-            let (at, at_ms) = self.anchor;
-            let at_ms = unix_ms_of(now, at, at_ms);
-            journal.know(id, Some(SavedKnown { seq, at_ms }));
-        }
+        let mut chains = self.chains.lock().expect("chains lock");
+        let out = chains.entry(conversation.to_owned()).or_default();
+        out.insert(seq, Member { back: now, id });
+        self.save(conversation, Some(out));
     }
 
     /// Job `id` is done with the work queue (acked): its sequence is no longer needed.
     pub fn done(&self, id: Uuid) {
-        let mut handed_back = self.handed_back.lock().expect("chains lock");
-        if handed_back.remove(&id).is_some()
+        let mut known = self.known.lock().expect("chains lock");
+        if known.remove(&id).is_some()
             && let Some(journal) = &self.journal
         {
             journal.know(id, None);
@@ -396,14 +372,6 @@ impl Chains {
                 self.save(conversation, Some(out));
             }
         }
-    }
-
-    /// Whether a member older than `seq` is out in `conversation`.
-    pub fn has_older_out(&self, conversation: &str, seq: u64) -> bool {
-        let chains = self.chains.lock().expect("chains lock");
-        chains
-            .get(conversation)
-            .is_some_and(|out| out.range(..seq).next().is_some())
     }
 
     fn new_seq(&self) -> u64 {
@@ -467,10 +435,10 @@ mod tests {
     fn later_jobs_follow_and_members_wait_for_older_ones() {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
-        let a = c.arrived(None, None, false);
+        let a = c.arrived("x", Uuid::new_v4(), None);
         assert_eq!(c.route("x", NIL, a, t0), Route::Send);
         c.parked("x", NIL, a, 0, t0); // A failed: out until t0+5
-        let b = c.arrived(None, None, false);
+        let b = c.arrived("x", Uuid::new_v4(), None);
         assert!(b > a);
         assert_eq!(
             c.route("x", NIL, b, t0),
@@ -480,7 +448,7 @@ mod tests {
         // A back at t0+5 and parked again, into the 30 s tier.
         let t5 = t0 + Duration::from_secs(5);
         assert_eq!(
-            c.route("x", NIL, c.arrived(None, Some(a), false), t5),
+            c.route("x", NIL, c.arrived("x", Uuid::new_v4(), Some(a)), t5),
             Route::Send
         );
         c.parked("x", NIL, a, 1, t5);
@@ -488,7 +456,7 @@ mod tests {
         let t6 = t0 + Duration::from_secs(6);
         assert_eq!(c.route("x", NIL, b, t6), Route::Follow { seq: b, tier: 1 });
         // A new job C joins the chain too.
-        let cc = c.arrived(None, None, false);
+        let cc = c.arrived("x", Uuid::new_v4(), None);
         assert!(matches!(c.route("x", NIL, cc, t6), Route::Follow { .. }));
         // A back and delivered; B back: nothing older out, sent; C back: sent.
         let t35 = t5 + Duration::from_secs(30);
@@ -498,8 +466,8 @@ mod tests {
         assert_eq!(c.route("x", NIL, cc, t37), Route::Send);
         assert!(c.is_empty());
         // Other conversations are never affected.
-        c.parked("x", NIL, c.arrived(None, None, false), 0, t37);
-        assert_eq!(c.route("y", NIL, c.arrived(None, None, false), t37), Route::Send);
+        c.parked("x", NIL, c.arrived("x", Uuid::new_v4(), None), 0, t37);
+        assert_eq!(c.route("y", NIL, c.arrived("x", Uuid::new_v4(), None), t37), Route::Send);
     }
 
     #[test]
@@ -507,24 +475,24 @@ mod tests {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
         // A and B wait in their lane; C arrives while the conversation holds its share.
-        let a = c.arrived(None, None, false);
-        let b = c.arrived(None, None, false);
-        let cc = c.arrived(None, None, false);
+        let a = c.arrived("x", Uuid::new_v4(), None);
+        let b = c.arrived("x", Uuid::new_v4(), None);
+        let cc = c.arrived("x", Uuid::new_v4(), None);
         assert_eq!(c.defer("x", NIL, cc, t0, 2, Duration::ZERO), 0);
         // A and B are older than C: sent.
         assert_eq!(c.route("x", NIL, a, t0), Route::Send);
         assert_eq!(c.route("x", NIL, b, t0), Route::Send);
         // D, younger, follows C.
-        let d = c.arrived(None, None, false);
+        let d = c.arrived("x", Uuid::new_v4(), None);
         assert_eq!(c.route("x", NIL, d, t0), Route::Follow { seq: d, tier: 0 });
         // C back: sent; then D.
         let t5 = t0 + Duration::from_secs(5);
         assert_eq!(
-            c.route("x", NIL, c.arrived(None, Some(cc), false), t5),
+            c.route("x", NIL, c.arrived("x", Uuid::new_v4(), Some(cc)), t5),
             Route::Send
         );
         assert_eq!(
-            c.route("x", NIL, c.arrived(None, Some(d), false), t5),
+            c.route("x", NIL, c.arrived("x", Uuid::new_v4(), Some(d)), t5),
             Route::Send
         );
         assert!(c.is_empty());
@@ -537,23 +505,23 @@ mod tests {
         let per_job = Duration::from_millis(100);
         // 40 waiting × 100 ms = 4 s: the 5 s tier.
         assert_eq!(
-            c.defer("x", NIL, c.arrived(None, None, false), t0, 40, per_job),
+            c.defer("x", NIL, c.arrived("x", Uuid::new_v4(), None), t0, 40, per_job),
             0
         );
         // 40 waiting and 1 out ahead, then 2, ...: past 50 jobs ahead, the 30 s tier.
         let tiers: Vec<usize> = (0..20)
-            .map(|_| c.defer("x", NIL, c.arrived(None, None, false), t0, 40, per_job))
+            .map(|_| c.defer("x", NIL, c.arrived("x", Uuid::new_v4(), None), t0, 40, per_job))
             .collect();
         assert_eq!(tiers[..10], [0; 10]);
         assert!(tiers[10..].iter().all(|&t| t == 1), "{tiers:?}");
         // Never shorter than the members out ahead: 2 waiting, but the 30 s tier.
         assert_eq!(
-            c.defer("x", NIL, c.arrived(None, None, false), t0, 2, per_job),
+            c.defer("x", NIL, c.arrived("x", Uuid::new_v4(), None), t0, 2, per_job),
             1
         );
         // A 5,000-job backlog goes to the longest tier.
         assert_eq!(
-            c.defer("y", NIL, c.arrived(None, None, false), t0, 5000, per_job),
+            c.defer("y", NIL, c.arrived("x", Uuid::new_v4(), None), t0, 5000, per_job),
             2
         );
     }
@@ -563,21 +531,21 @@ mod tests {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
         let id = Uuid::new_v4();
-        let a = c.arrived(Some(id), None, false);
-        let b = c.arrived(None, None, false);
+        let a = c.arrived("x", id, None);
+        let b = c.arrived("x", Uuid::new_v4(), None);
         assert_eq!(c.defer("x", NIL, b, t0, 1, Duration::ZERO), 0);
         // A's session is lost before A is sent: B comes back first, and must wait for A.
         c.handed_back("x", id, a, t0);
         let t5 = t0 + Duration::from_secs(5);
         assert!(matches!(c.route("x", NIL, b, t5), Route::Follow { .. }));
         // A redelivered (no header): same sequence, sent; then B.
-        assert_eq!(c.arrived(Some(id), None, false), a);
+        assert_eq!(c.arrived("x", id, None), a);
         assert_eq!(c.route("x", NIL, a, t5), Route::Send);
         assert_eq!(c.route("x", NIL, b, t5 + Duration::from_secs(30)), Route::Send);
         assert!(c.is_empty());
         // The memory is gone once the job is done.
         c.done(id);
-        assert!(c.arrived(Some(id), None, false) > b);
+        assert!(c.arrived("x", id, None) > b);
     }
 
     #[test]
@@ -585,14 +553,14 @@ mod tests {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
         // A member that comes back as a duplicate (or expired) is not sent, and leaves.
-        let b = c.arrived(None, None, false);
+        let b = c.arrived("x", Uuid::new_v4(), None);
         c.parked("y", NIL, b, 0, t0);
         c.leave("y", b);
         assert!(c.is_empty(), "nothing kept for the conversation");
         // Leaving keeps the other members.
-        let d = c.arrived(None, None, false);
+        let d = c.arrived("x", Uuid::new_v4(), None);
         c.parked("z", NIL, d, 0, t0);
-        let e = c.arrived(None, None, false);
+        let e = c.arrived("x", Uuid::new_v4(), None);
         assert!(matches!(c.route("z", NIL, e, t0), Route::Follow { .. }));
         c.leave("z", d);
         assert_eq!(c.route("z", NIL, e, t0), Route::Send);
@@ -602,102 +570,144 @@ mod tests {
     fn a_lost_member_does_not_block_its_conversation_forever() {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
-        c.parked("x", NIL, c.arrived(None, None, false), 0, t0);
+        c.parked("x", NIL, c.arrived("x", Uuid::new_v4(), None), 0, t0);
         assert!(matches!(
-            c.route("x", NIL, c.arrived(None, None, false), t0),
+            c.route("x", NIL, c.arrived("x", Uuid::new_v4(), None), t0),
             Route::Follow { .. }
         ));
         let later = t0 + Duration::from_secs(5) + LOST_AFTER + Duration::from_secs(40);
         assert_eq!(
-            c.route("x", NIL, c.arrived(None, None, false), later),
+            c.route("x", NIL, c.arrived("x", Uuid::new_v4(), None), later),
             Route::Send
         );
     }
 
-    #[derive(Default)]
+    #[derive(Clone, Default)]
     struct Saved {
         chains: HashMap<String, Vec<SavedMember>>,
         known: HashMap<Uuid, SavedKnown>,
     }
 
-    /// A journal in memory, shared by the "processes" of a test.
+    enum Write {
+        Chain(String, Vec<SavedMember>),
+        Know(Uuid, Option<SavedKnown>),
+    }
+
+    /// A journal in memory, shared by the "processes" of a test: what is durable, and the
+    /// writes since the last flush, of which a crash keeps a prefix (as the store does).
     #[derive(Clone, Default)]
-    struct Mem(std::sync::Arc<Mutex<Saved>>);
+    struct Mem(std::sync::Arc<Mutex<(Saved, Vec<Write>)>>);
 
     impl Journal for Mem {
         fn write(&self, conversation: &str, members: &[SavedMember]) {
-            let mut m = self.0.lock().unwrap();
-            if members.is_empty() {
-                m.chains.remove(conversation);
-            } else {
-                m.chains.insert(conversation.to_owned(), members.to_vec());
-            }
+            let write = Write::Chain(conversation.to_owned(), members.to_vec());
+            self.0.lock().unwrap().1.push(write);
         }
 
         fn know(&self, id: Uuid, known: Option<SavedKnown>) {
-            let mut m = self.0.lock().unwrap();
-            match known {
-                Some(k) => m.known.insert(id, k),
-                None => m.known.remove(&id),
-            };
+            self.0.lock().unwrap().1.push(Write::Know(id, known));
         }
     }
 
     impl Mem {
+        fn flush(&self) {
+            self.crash(usize::MAX);
+        }
+
+        /// The first `keep` writes since the last flush become durable, the rest are lost.
+        fn crash(&self, keep: usize) {
+            let mut m = self.0.lock().unwrap();
+            let (saved, pending) = &mut *m;
+            for write in pending.drain(..).take(keep) {
+                match write {
+                    Write::Chain(conversation, members) if members.is_empty() => {
+                        saved.chains.remove(&conversation);
+                    }
+                    Write::Chain(conversation, members) => {
+                        saved.chains.insert(conversation, members);
+                    }
+                    Write::Know(id, Some(k)) => {
+                        saved.known.insert(id, k);
+                    }
+                    Write::Know(id, None) => {
+                        saved.known.remove(&id);
+                    }
+                }
+            }
+        }
+
+        fn durable(&self) -> Saved {
+            self.0.lock().unwrap().0.clone()
+        }
+
+        /// A process started after a stop (everything flushed).
         fn restart(&self) -> Chains {
+            self.flush();
             self.restart_at(Instant::now(), unix_ms())
         }
 
-        /// A process started at `now`, which is `now_ms` on the wall clock.
+        /// A process started at `now`, which is `now_ms` on the wall clock, from what is
+        /// durable.
         fn restart_at(&self, now: Instant, now_ms: u64) -> Chains {
-            let saved = self.0.lock().unwrap();
+            let saved = self.durable();
             let restored = Restored {
-                chains: saved.chains.clone().into_iter().collect(),
-                known: saved.known.clone().into_iter().collect(),
+                chains: saved.chains.into_iter().collect(),
+                known: saved.known.into_iter().collect(),
             };
-            drop(saved);
             Chains::with_journal_at(tiers(), Box::new(self.clone()), restored, (now, now_ms))
         }
     }
 
     #[test]
-    fn a_restarted_process_knows_the_members_out() {
+    fn a_restarted_process_knows_the_members_out_and_the_jobs_it_had() {
         let mem = Mem::default();
         let c = mem.restart();
         let t0 = Instant::now();
-        let j_id = Uuid::new_v4();
+        let (j_id, k_id) = (Uuid::new_v4(), Uuid::new_v4());
         // J waits in its lane; K, younger, is deferred; then the process stops.
-        let j = c.arrived(Some(j_id), None, false);
-        let k = c.arrived(None, None, false);
-        c.defer("x", NIL, k, t0, 1, Duration::ZERO);
+        let j = c.arrived("x", j_id, None);
+        let k = c.arrived("x", k_id, None);
+        c.defer("x", k_id, k, t0, 1, Duration::ZERO);
         assert!(j < k);
         let c = mem.restart();
-        // J is redelivered without a sequence: older than K, sent.
-        let j2 = c.arrived(Some(j_id), None, true);
-        assert!(j2 < k);
-        assert_eq!(c.route("x", NIL, j2, Instant::now()), Route::Send);
+        // J is redelivered without a header: it gets its sequence again, older than K's.
+        assert_eq!(c.arrived("x", j_id, None), j);
+        assert_eq!(c.route("x", j_id, j, Instant::now()), Route::Send);
+        c.done(j_id);
         // A new job follows K, still out.
-        let l = c.arrived(None, None, false);
+        let l_id = Uuid::new_v4();
+        let l = c.arrived("x", l_id, None);
         assert!(l > k, "sequences keep growing across restarts");
         assert!(matches!(
-            c.route("x", NIL, l, Instant::now()),
+            c.route("x", l_id, l, Instant::now()),
             Route::Follow { .. }
         ));
         // K back, then L: both sent, and the journal is empty again.
-        assert_eq!(c.route("x", NIL, k, Instant::now()), Route::Send);
-        assert_eq!(c.route("x", NIL, l, Instant::now()), Route::Send);
-        assert!(mem.0.lock().unwrap().chains.is_empty());
-        // Members long past their return are not restored.
-        let id = Uuid::new_v4();
+        assert_eq!(c.route("x", k_id, k, Instant::now()), Route::Send);
+        assert_eq!(c.route("x", l_id, l, Instant::now()), Route::Send);
+        c.done(k_id);
+        c.done(l_id);
+        mem.flush();
+        assert!(mem.durable().chains.is_empty());
+        assert!(mem.durable().known.is_empty());
+        // A member due back while no process ran is likely in the work queue: it gets its
+        // margin from the start of the new process, and is forgotten only after it.
+        let lost_id = Uuid::new_v4();
         mem.write(
             "y",
             &[SavedMember {
                 seq: k,
                 back_ms: 1,
-                id,
+                id: lost_id,
             }],
         );
-        assert!(mem.restart().is_empty());
+        let c = mem.restart();
+        let t = Instant::now();
+        let y = c.arrived("y", Uuid::new_v4(), None);
+        assert!(matches!(c.route("y", NIL, y, t), Route::Follow { .. }));
+        // Back after the lost member's margin: sent.
+        let later = t + LOST_AFTER + Duration::from_secs(1);
+        assert_eq!(c.route("y", NIL, y, later), Route::Send);
     }
 
     /// What happens next in the model of [`sends_happen_in_publish_order`].
@@ -713,11 +723,12 @@ mod tests {
         /// The session is lost: every job in the process is handed back.
         Lose,
         /// The process stops: republishes in flight are confirmed, the jobs waiting are handed
-        /// back; the next process knows only the journal.
+        /// back, the journal is flushed; the next process knows only the journal.
         Stop,
-        /// The process dies: every job in it is redelivered; a republish in flight went out
-        /// (and its job is redelivered as well) if `true`.
-        Crash(bool),
+        /// The process dies: every job in it is redelivered. If `true`, the republishes in
+        /// flight went out (their jobs are redelivered as well; the journal was flushed before
+        /// them); else the journal keeps the given number of the writes since its last flush.
+        Crash(bool, u8),
     }
 
     fn step(failures: bool, stops: bool, crashes: bool) -> impl Strategy<Value = Step> {
@@ -727,13 +738,11 @@ mod tests {
             2 => Just(Step::Confirm),
             1 => Just(Step::Lose),
             1 => Just(Step::Stop),
-            1 => any::<bool>().prop_map(Step::Crash),
+            1 => (any::<bool>(), 0u8..8).prop_map(|(out, keep)| Step::Crash(out, keep)),
         ]
         .prop_map(move |step| match step {
-            // With crashes, no lost sessions: the limit in the module docs.
-            Step::Lose if crashes => Step::Confirm,
             Step::Stop if !stops => Step::Confirm,
-            Step::Crash(_) if !crashes => Step::Confirm,
+            Step::Crash(..) if !crashes => Step::Confirm,
             other => other,
         })
     }
@@ -752,10 +761,9 @@ mod tests {
         let mut now = start.0;
         let ids: Vec<Uuid> = (0..jobs).map(|_| Uuid::new_v4()).collect();
         // The work queue (FIFO; handed-back jobs go to its front in the order they were
-        // consumed) as (job, header, redelivered); the lane, in sequence order; republishes in
+        // consumed) as (job, header); the lane, in sequence order; republishes in
         // flight, with their tiers; the tiers as (return time, order, job, seq).
-        let mut queue: VecDeque<(usize, Option<u64>, bool)> =
-            (0..jobs).map(|i| (i, None, false)).collect();
+        let mut queue: VecDeque<(usize, Option<u64>)> = (0..jobs).map(|i| (i, None)).collect();
         let mut lane: Vec<InProcess> = Vec::new();
         let mut flight: VecDeque<(InProcess, usize)> = VecDeque::new();
         let mut tiers_out: Vec<(Instant, u64, usize, u64)> = Vec::new();
@@ -770,7 +778,7 @@ mod tests {
         let requeue = |queue: &mut VecDeque<_>, mut jobs: Vec<InProcess>| {
             jobs.sort_by_key(|j| j.3);
             for (job, _, header, _) in jobs.into_iter().rev() {
-                queue.push_front((job, header, true));
+                queue.push_front((job, header));
             }
         };
         let mut steps = steps.into_iter();
@@ -790,11 +798,11 @@ mod tests {
             match step {
                 Step::Arrive(defer) => {
                     // What the dispatcher does with an arriving job.
-                    let (job, header, redelivered) = queue.pop_front().unwrap();
-                    let seq = c.arrived(Some(ids[job]), header, redelivered);
+                    let (job, header) = queue.pop_front().unwrap();
+                    let seq = c.arrived("x", ids[job], header);
                     consumed += 1;
                     let it = (job, seq, header, consumed);
-                    if defer && !Chains::is_redelivered(seq) {
+                    if defer {
                         let tier =
                             c.defer("x", ids[job], seq, now, lane.len(), Duration::from_secs(1));
                         flight.push_back((it, tier));
@@ -809,7 +817,9 @@ mod tests {
                     }
                 }
                 Step::Confirm => {
+                    // `Pipeline::send_round`: the journal flushed, the republish, the ack.
                     let ((job, seq, ..), tier) = flight.pop_front().unwrap();
+                    mem.flush();
                     tier_out(&mut tiers_out, &mut order, now, tier, job, seq);
                     c.done(ids[job]);
                 }
@@ -824,20 +834,24 @@ mod tests {
                     requeue(&mut queue, all);
                 }
                 Step::Stop => {
+                    mem.flush();
                     for ((job, seq, ..), tier) in flight.drain(..) {
                         tier_out(&mut tiers_out, &mut order, now, tier, job, seq);
                         c.done(ids[job]);
                     }
+                    // The jobs waiting are handed back, and the store closed (flushed).
                     let all: Vec<_> = lane.drain(..).collect();
-                    for &(job, seq, ..) in &all {
-                        // What `Pipeline::settle` does while stopping.
-                        c.remember(ids[job], seq, now);
-                    }
                     requeue(&mut queue, all);
+                    mem.flush();
                     // The wall clock goes on with the model's time.
                     c = mem.restart_at(now, start.1 + (now - start.0).as_millis() as u64);
                 }
-                Step::Crash(went_out) => {
+                Step::Crash(went_out, keep) => {
+                    if went_out {
+                        mem.flush();
+                    } else {
+                        mem.crash(usize::from(keep));
+                    }
                     let mut all: Vec<_> = lane.drain(..).collect();
                     for (it, tier) in flight.drain(..) {
                         if went_out {
@@ -857,24 +871,30 @@ mod tests {
                             c.done(ids[job]);
                             continue;
                         }
-                        // Sent, parked or following: acked.
-                        c.done(ids[job]);
+                        // Sent (its record flushed), parked or following (the journal flushed
+                        // before the republish); then acked.
                         match c.route("x", ids[job], seq, now) {
                             Route::Send if fail => {
                                 c.parked("x", ids[job], seq, 0, now);
+                                mem.flush();
                                 tier_out(&mut tiers_out, &mut order, now, 0, job, seq);
                             }
-                            Route::Send => sent.push(job),
+                            Route::Send => {
+                                mem.flush();
+                                sent.push(job);
+                            }
                             Route::Follow { seq, tier } => {
+                                mem.flush();
                                 tier_out(&mut tiers_out, &mut order, now, tier, job, seq);
                             }
                         }
+                        c.done(ids[job]);
                     } else if !tiers_out.is_empty() {
                         // The next message to expire goes back to the work queue.
                         tiers_out.sort();
                         let (back, _, job, seq) = tiers_out.remove(0);
                         now = now.max(back);
-                        queue.push_back((job, Some(seq), false));
+                        queue.push_back((job, Some(seq)));
                     } else {
                         break;
                     }
@@ -904,13 +924,12 @@ mod tests {
             prop_assert_eq!(model(jobs, steps), (0..jobs).collect::<Vec<_>>());
         }
 
-        /// ... and across crashes, for jobs that were deferred rather than parked after a
-        /// failure, with no session lost (the limits in the module docs), also while their
-        /// republish was in flight.
+        /// ... and across crashes (the journal keeping any prefix of its unflushed writes),
+        /// also while republishes were in flight.
         #[test]
-        fn deferred_jobs_keep_their_order_across_crashes(
+        fn sends_keep_their_order_across_crashes(
             jobs in 1usize..12,
-            steps in proptest::collection::vec(step(false, false, true), 0..60),
+            steps in proptest::collection::vec(step(true, true, true), 0..60),
         ) {
             prop_assert_eq!(model(jobs, steps), (0..jobs).collect::<Vec<_>>());
         }

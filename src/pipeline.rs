@@ -178,8 +178,9 @@ impl Pipeline {
     }
 
     /// The sequence of an arriving job (see [`crate::order`]).
-    pub fn arrived(&self, job: &Job, trail: &Trail, redelivered: bool) -> u64 {
-        self.chains.arrived(Some(job.id), trail.chain, redelivered)
+    pub fn arrived(&self, job: &Job, trail: &Trail) -> u64 {
+        self.chains
+            .arrived(&job.conversation_id, job.id, trail.chain)
     }
 
     /// Routes an arriving job: one younger than members out joins the chain at once
@@ -197,9 +198,9 @@ impl Pipeline {
         }
     }
 
-    /// Waits until the chains written so far are durable, before a job sent round a tier is
-    /// acked. A store that cannot flush costs only the order across a restart: the job is
-    /// acked all the same.
+    /// Waits until the chains written so far are durable, before a job is sent round a tier. A
+    /// store that cannot flush costs only the order across a restart: the job goes round all
+    /// the same.
     async fn chains_durable(&self) {
         if let Err(e) = self.store.flush().await {
             warn!(error = %e, "chains not durable: a restart now may let jobs overtake jobs out in the delay tiers");
@@ -208,24 +209,24 @@ impl Pipeline {
 
     /// The chain after a job's processing: a member that came back and left without being
     /// routed (a duplicate, expired, a conflict) is no longer out; a job handed back keeps its
-    /// place until it is redelivered (when stopping, its sequence is enough: see
-    /// [`Chains::remember`]); a job acked no longer needs its sequence kept.
+    /// place until it is redelivered (when stopping, the sequence it keeps is enough: it is
+    /// redelivered before anything that comes back from a tier); a job acked no longer needs
+    /// its sequence kept.
     fn settle(&self, work: &Work, outcome: Outcome) {
         let Ok(job) = &work.job else { return };
-        let now = tokio::time::Instant::now();
         match outcome {
-            Outcome::HandedBack if self.stopping.is_cancelled() => {
-                self.chains.remember(job.id, work.seq, now)
-            }
-            Outcome::HandedBack => {
-                self.chains
-                    .handed_back(&job.conversation_id, job.id, work.seq, now)
-            }
+            Outcome::HandedBack if self.stopping.is_cancelled() => {}
+            Outcome::HandedBack => self.chains.handed_back(
+                &job.conversation_id,
+                job.id,
+                work.seq,
+                tokio::time::Instant::now(),
+            ),
             Outcome::Duplicate | Outcome::DeadLettered(_) => {
                 self.chains.leave(&job.conversation_id, work.seq);
                 self.chains.done(job.id);
             }
-            _ => self.chains.done(job.id),
+            Outcome::Delivered | Outcome::Parked => self.chains.done(job.id),
         }
     }
 
@@ -261,10 +262,12 @@ impl Pipeline {
         let extra = trail.headers(&work.delivery.data, &self.trail_key);
         let properties = self.outgoing(work, extra);
         let queue = &self.topology.tiers[tier];
+        // Durable before the copy exists: a copy whose membership a crash lost would come back
+        // after younger jobs were sent.
+        self.chains_durable().await;
         if !self.republish(work, queue, properties).await {
             return false;
         }
-        self.chains_durable().await;
         self.ack(work);
         self.chains.done(job.id);
         if deferred {
@@ -694,11 +697,12 @@ impl Pipeline {
         }
         let queue = &self.topology.tiers[tier];
         let properties = self.outgoing(work, extra);
+        // Durable before the copy exists (see `send_round`).
+        self.chains_durable().await;
         if !self.republish(work, queue, properties).await {
             // It stays in the chain, handed back, until it is redelivered (`settle`).
             return self.hand_back(work).await;
         }
-        self.chains_durable().await;
         self.ack(work);
         if failure.is_some() {
             info!(id = %job.id, queue, "parked in a delay tier");

@@ -102,7 +102,7 @@ enum Request {
     /// Keep (or, with `None`, forget) a handed-back job's sequence; answered by no one.
     Known {
         id: [u8; 16],
-        entry: Option<[u8; 16]>,
+        entry: Option<Vec<u8>>,
     },
 }
 
@@ -144,7 +144,7 @@ struct Handles {
     /// (Unix ms), both big-endian, then the job id.
     chains: sled::Tree,
     /// Handed-back jobs: job id → sequence, then when it was handed back (Unix ms), both
-    /// big-endian.
+    /// big-endian, then the conversation id.
     known: sled::Tree,
 }
 
@@ -413,9 +413,10 @@ impl Store {
     /// Durable with the next flush, in the order written.
     pub fn write_known(&self, id: &Uuid, known: Option<SavedKnown>) {
         let entry = known.map(|k| {
-            let mut entry = [0; 16];
-            entry[..8].copy_from_slice(&k.seq.to_be_bytes());
-            entry[8..].copy_from_slice(&k.at_ms.to_be_bytes());
+            let mut entry = Vec::with_capacity(16 + k.conversation.len());
+            entry.extend_from_slice(&k.seq.to_be_bytes());
+            entry.extend_from_slice(&k.at_ms.to_be_bytes());
+            entry.extend_from_slice(k.conversation.as_bytes());
             entry
         });
         let _ = self.inner.requests.send(Request::Known {
@@ -431,15 +432,21 @@ impl Store {
         let mut out = Vec::new();
         for entry in h.known.iter() {
             let (key, value) = entry?;
-            let (Ok(id), Ok(value)) = (<[u8; 16]>::try_from(&key[..]), <[u8; 16]>::try_from(&value[..]))
-            else {
+            let Ok(id) = <[u8; 16]>::try_from(&key[..]) else {
+                continue;
+            };
+            let Some((head, conversation)) = value.split_at_checked(16) else {
+                continue;
+            };
+            let Ok(conversation) = String::from_utf8(conversation.to_vec()) else {
                 continue;
             };
             out.push((
                 Uuid::from_bytes(id),
                 SavedKnown {
-                    seq: u64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
-                    at_ms: u64::from_be_bytes(value[8..].try_into().expect("8 bytes")),
+                    conversation,
+                    seq: u64::from_be_bytes(head[..8].try_into().expect("8 bytes")),
+                    at_ms: u64::from_be_bytes(head[8..].try_into().expect("8 bytes")),
                 },
             ));
         }
@@ -626,7 +633,7 @@ fn insert_batch(h: &Handles, batch: &[Request]) -> sled::Result<()> {
                 id,
                 entry: Some(entry),
             } => {
-                h.known.insert(id, entry)?;
+                h.known.insert(id, entry.as_slice())?;
             }
             Request::Record { .. } | Request::Flush(_) => {}
         }
@@ -691,9 +698,13 @@ mod tests {
         store.write_chain("b", &[]);
         store.write_chain("c/ü", &[member(u64::MAX, 0)]);
         let (kept, forgotten) = (Uuid::new_v4(), Uuid::new_v4());
-        let known = SavedKnown { seq: 9, at_ms: 900 };
-        store.write_known(&kept, Some(known));
-        store.write_known(&forgotten, Some(known));
+        let known = SavedKnown {
+            conversation: "c/ü".to_owned(),
+            seq: 9,
+            at_ms: 900,
+        };
+        store.write_known(&kept, Some(known.clone()));
+        store.write_known(&forgotten, Some(known.clone()));
         store.write_known(&forgotten, None);
         store.flush().await.unwrap();
         store.close().await.unwrap();
