@@ -193,38 +193,22 @@ impl Dispatcher {
             && let Some(tier) = self.pipeline.defer(&work, held.conversation, per_job)
         {
             drop(lanes);
-            self.send_round(conversation, work, tier, keyless, true);
+            let this = self.clone();
+            self.tasks.spawn(async move {
+                if this.pipeline.park_deferred(&work, tier).await {
+                    let mut lanes = this.lanes.lock().expect("lanes lock");
+                    lanes.total -= 1;
+                    lanes.keyless -= usize::from(keyless);
+                } else {
+                    // Not sent round: it waits in its lane after all (still in the chain, so
+                    // nothing younger overtook it).
+                    this.enqueue(conversation, work);
+                }
+            });
             return;
         }
         drop(lanes);
-        match self.pipeline.route_on_arrival(&work) {
-            Some(tier) => self.send_round(conversation, work, tier, keyless, false),
-            None => self.enqueue(conversation, work),
-        }
-    }
-
-    /// Sends a job round a tier unsent (deferred, or following older jobs out), see
-    /// [`Pipeline::send_round`].
-    fn send_round(
-        self: &Arc<Self>,
-        conversation: String,
-        work: Work,
-        tier: usize,
-        keyless: bool,
-        deferred: bool,
-    ) {
-        let this = self.clone();
-        self.tasks.spawn(async move {
-            if this.pipeline.send_round(&work, tier, deferred).await {
-                let mut lanes = this.lanes.lock().expect("lanes lock");
-                lanes.total -= 1;
-                lanes.keyless -= usize::from(keyless);
-            } else {
-                // Not sent round: it waits in its lane after all (still in the chain, so
-                // nothing younger overtook it).
-                this.enqueue(conversation, work);
-            }
-        });
+        self.enqueue(conversation, work);
     }
 
     /// Puts a job into its conversation's lane, in sequence order, starting the lane if idle.

@@ -14,29 +14,34 @@
 //!
 //! A job handed back to the broker (its session lost, or a republish that failed) stays in the
 //! chain until it is redelivered, with the same sequence: a younger member coming back from a
-//! tier meanwhile cannot overtake it.
+//! tier meanwhile cannot overtake it. A job handed back when the process stops needs no such
+//! place: it is redelivered before anything that comes back from a tier.
 //!
-//! Across restarts: every change of a conversation's chain is written to a [`Journal`] (the
-//! store), in order, with each member's job id, and the worker acks a job it sent out only once
-//! that is durable; a new process starts from the chains written. The sequences of jobs handed
-//! back (also every job still waiting when the process stops) are kept in the journal by job
-//! id until the job is done, so their redeliveries, which carry no header, get them again; so
-//! does a job whose republish into a tier had not been confirmed when the process died (it is
-//! a member, known by its id). A job redelivered with neither (it was in the process when it
-//! died, and never left for a tier) is older than every member out: it was consumed before
-//! them (a job consumed after a member went out joins the chain at once, see
-//! [`Chains::route`]), so it gets a sequence below every one the worker hands out otherwise.
-//! The model tests below state this: in publish order across stops (with failures and lost
-//! sessions), and across crashes (with deferred jobs, republishes in flight and duplicates).
+//! Across restarts and crashes: the chains and the sequences live in a [`Journal`] (the
+//! store). Every change of a conversation's chain is written, in order, with each member's job
+//! id; so is the sequence of every job that arrives without one in its header, by job id, from
+//! its arrival until it is done (acked), because a redelivery of the original message carries
+//! no header. Before a copy of a job goes to a tier, the journal is flushed, so no copy exists
+//! whose membership a crash could lose. A new process starts from what the journal kept: the
+//! members out, each given its margin from the start ([`LOST_AFTER`]: if it came back while no
+//! process ran, it is in the work queue), and the known sequences. A job redelivered with
+//! neither a header nor a known sequence arrived in a process that died before the journal
+//! had its sequence; the journal applies writes in order and keeps a prefix of them, so
+//! everything it kept happened before that job arrived, and a new sequence (younger than
+//! everything) is its place. The model tests below state the guarantee: publish order kept
+//! with failures, deferrals, lost sessions, stops, and crashes that keep any prefix of the
+//! unflushed writes, also with republishes in flight.
 //!
-//! Limits, all after a crash (`kill -9`, OOM), none after a stop: a crash right after a job was
-//! parked after a failure, while younger jobs of its conversation still wait in its lane (they
-//! follow it at their turn, milliseconds later unless they wait for a slot), lets those
-//! younger jobs, redelivered, go first; so can a crash while jobs whose sequence was kept (a
-//! lost session, a stop) are being redelivered and worked, for the jobs consumed after them.
-//! A member that never comes back (its tier purged, a redelivery taken by another consumer) is
-//! forgotten after its expected return plus a margin, so one lost message cannot block its
-//! conversation forever.
+//! Cost: one small write per job at arrival and one at its ack, in the store's batches; a flush
+//! before each job goes to a tier (after failures, following, deferred).
+//!
+//! Limits: a member that never comes back (its tier purged, a redelivery taken by another
+//! consumer) is forgotten after its expected return plus a margin, so one lost message cannot
+//! block its conversation forever; a known sequence whose job never comes back is forgotten
+//! after a day. The journal keeps a prefix of its writes only as far as sled does: its log is
+//! replayed in order up to the last complete write. After the store was reopened in a running
+//! process (a failed write, a full disk), a crash before the next restart may find the writes
+//! made before the reopen missing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -88,12 +93,12 @@ pub struct SavedMember {
     pub id: Uuid,
 }
 
-/// A handed-back job's sequence as a [`Journal`] keeps it.
+/// A job's sequence as a [`Journal`] keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SavedKnown {
     pub conversation: String,
     pub seq: u64,
-    /// When it was handed back, in Unix ms.
+    /// When the job arrived, in Unix ms.
     pub at_ms: u64,
 }
 
@@ -102,7 +107,7 @@ pub struct SavedKnown {
 pub trait Journal: Send + Sync {
     /// `conversation`'s members out, empty when it has none.
     fn write(&self, conversation: &str, members: &[SavedMember]);
-    /// Handed-back job `id`'s sequence, or `None` once the job is done.
+    /// Job `id`'s sequence, or `None` once the job is done.
     fn know(&self, id: Uuid, known: Option<SavedKnown>);
 }
 
@@ -219,7 +224,7 @@ impl Chains {
         let now = Instant::now();
         if known.len() >= KNOWN_SWEEP {
             known.retain(|id, (_, at)| {
-                let keep = *at + KNOWN_FOR / 24 > now;
+                let keep = *at + KNOWN_FOR > now;
                 if !keep && let Some(journal) = &self.journal {
                     journal.know(*id, None);
                 }
@@ -467,7 +472,10 @@ mod tests {
         assert!(c.is_empty());
         // Other conversations are never affected.
         c.parked("x", NIL, c.arrived("x", Uuid::new_v4(), None), 0, t37);
-        assert_eq!(c.route("y", NIL, c.arrived("x", Uuid::new_v4(), None), t37), Route::Send);
+        assert_eq!(
+            c.route("y", NIL, c.arrived("x", Uuid::new_v4(), None), t37),
+            Route::Send
+        );
     }
 
     #[test]
@@ -505,23 +513,53 @@ mod tests {
         let per_job = Duration::from_millis(100);
         // 40 waiting × 100 ms = 4 s: the 5 s tier.
         assert_eq!(
-            c.defer("x", NIL, c.arrived("x", Uuid::new_v4(), None), t0, 40, per_job),
+            c.defer(
+                "x",
+                NIL,
+                c.arrived("x", Uuid::new_v4(), None),
+                t0,
+                40,
+                per_job
+            ),
             0
         );
         // 40 waiting and 1 out ahead, then 2, ...: past 50 jobs ahead, the 30 s tier.
         let tiers: Vec<usize> = (0..20)
-            .map(|_| c.defer("x", NIL, c.arrived("x", Uuid::new_v4(), None), t0, 40, per_job))
+            .map(|_| {
+                c.defer(
+                    "x",
+                    NIL,
+                    c.arrived("x", Uuid::new_v4(), None),
+                    t0,
+                    40,
+                    per_job,
+                )
+            })
             .collect();
         assert_eq!(tiers[..10], [0; 10]);
         assert!(tiers[10..].iter().all(|&t| t == 1), "{tiers:?}");
         // Never shorter than the members out ahead: 2 waiting, but the 30 s tier.
         assert_eq!(
-            c.defer("x", NIL, c.arrived("x", Uuid::new_v4(), None), t0, 2, per_job),
+            c.defer(
+                "x",
+                NIL,
+                c.arrived("x", Uuid::new_v4(), None),
+                t0,
+                2,
+                per_job
+            ),
             1
         );
         // A 5,000-job backlog goes to the longest tier.
         assert_eq!(
-            c.defer("y", NIL, c.arrived("x", Uuid::new_v4(), None), t0, 5000, per_job),
+            c.defer(
+                "y",
+                NIL,
+                c.arrived("x", Uuid::new_v4(), None),
+                t0,
+                5000,
+                per_job
+            ),
             2
         );
     }
@@ -541,7 +579,10 @@ mod tests {
         // A redelivered (no header): same sequence, sent; then B.
         assert_eq!(c.arrived("x", id, None), a);
         assert_eq!(c.route("x", NIL, a, t5), Route::Send);
-        assert_eq!(c.route("x", NIL, b, t5 + Duration::from_secs(30)), Route::Send);
+        assert_eq!(
+            c.route("x", NIL, b, t5 + Duration::from_secs(30)),
+            Route::Send
+        );
         assert!(c.is_empty());
         // The memory is gone once the job is done.
         c.done(id);
@@ -717,8 +758,7 @@ mod tests {
         Arrive(bool),
         /// The lane works its oldest waiting job (it fails if `true`).
         Work(bool),
-        /// The oldest republish in flight (a job deferred or following on arrival) is confirmed,
-        /// and the job acked.
+        /// The oldest republish of a deferred job in flight is confirmed, and the job acked.
         Confirm,
         /// The session is lost: every job in the process is handed back.
         Lose,
@@ -808,16 +848,12 @@ mod tests {
                         flight.push_back((it, tier));
                         continue;
                     }
-                    match c.route("x", ids[job], seq, now) {
-                        Route::Send => {
-                            let at = lane.partition_point(|j| j.1 < seq);
-                            lane.insert(at, it);
-                        }
-                        Route::Follow { tier, .. } => flight.push_back((it, tier)),
-                    }
+                    // Into its lane, in sequence order; routed at its turn.
+                    let at = lane.partition_point(|j| j.1 < seq);
+                    lane.insert(at, it);
                 }
                 Step::Confirm => {
-                    // `Pipeline::send_round`: the journal flushed, the republish, the ack.
+                    // `Pipeline::park_deferred`: the journal flushed, the republish, the ack.
                     let ((job, seq, ..), tier) = flight.pop_front().unwrap();
                     mem.flush();
                     tier_out(&mut tiers_out, &mut order, now, tier, job, seq);
@@ -826,7 +862,7 @@ mod tests {
                 Step::Lose => {
                     // A republish in flight fails with its session: the job goes back to its
                     // lane, and is handed back with the others.
-                    let mut all: Vec<_> = lane.drain(..).collect();
+                    let mut all = std::mem::take(&mut lane);
                     all.extend(flight.drain(..).map(|(it, _)| it));
                     for &(job, seq, ..) in &all {
                         c.handed_back("x", ids[job], seq, now);
@@ -840,7 +876,7 @@ mod tests {
                         c.done(ids[job]);
                     }
                     // The jobs waiting are handed back, and the store closed (flushed).
-                    let all: Vec<_> = lane.drain(..).collect();
+                    let all = std::mem::take(&mut lane);
                     requeue(&mut queue, all);
                     mem.flush();
                     // The wall clock goes on with the model's time.
@@ -852,7 +888,7 @@ mod tests {
                     } else {
                         mem.crash(usize::from(keep));
                     }
-                    let mut all: Vec<_> = lane.drain(..).collect();
+                    let mut all = std::mem::take(&mut lane);
                     for (it, tier) in flight.drain(..) {
                         if went_out {
                             tier_out(&mut tiers_out, &mut order, now, tier, it.0, it.1);

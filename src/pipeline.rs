@@ -183,21 +183,6 @@ impl Pipeline {
             .arrived(&job.conversation_id, job.id, trail.chain)
     }
 
-    /// Routes an arriving job: one younger than members out joins the chain at once
-    /// (`Some(tier)`: send it round with [`Pipeline::send_round`]) rather than wait in its lane
-    /// unacked, so that after a restart every job redelivered without a sequence is older than
-    /// every member out (see [`crate::order`]).
-    pub fn route_on_arrival(&self, work: &Work) -> Option<usize> {
-        let job = work.job.as_ref().ok()?;
-        match self
-            .chains
-            .route(&job.conversation_id, job.id, work.seq, tokio::time::Instant::now())
-        {
-            Route::Send => None,
-            Route::Follow { tier, .. } => Some(tier),
-        }
-    }
-
     /// Waits until the chains written so far are durable, before a job is sent round a tier. A
     /// store that cannot flush costs only the order across a restart: the job goes round all
     /// the same.
@@ -245,11 +230,10 @@ impl Pipeline {
         ))
     }
 
-    /// Sends a job round `tier` unsent, as a member of its conversation's chain (already
-    /// recorded: deferred, see [`crate::fair`], or following), and acks it. False if the
-    /// republish did not go out: the caller gives it back to its lane (it stays in the chain,
-    /// so nothing younger overtakes it).
-    pub async fn send_round(&self, work: &Work, tier: usize, deferred: bool) -> bool {
+    /// Sends a deferred job round `tier`, following its conversation's chain, and acks it.
+    /// False if the republish did not go out: the caller gives it back to its lane (it stays
+    /// in the chain, so nothing younger overtakes it).
+    pub async fn park_deferred(&self, work: &Work, tier: usize) -> bool {
         let Ok(job) = &work.job else { return false };
         if work.session.alive.is_cancelled() {
             return false;
@@ -270,15 +254,11 @@ impl Pipeline {
         }
         self.ack(work);
         self.chains.done(job.id);
-        if deferred {
-            self.metrics
-                .jobs_deferred
-                .with_label_values(&[job.kind().as_str()])
-                .inc();
-            debug!(id = %job.id, queue, "deferred: its conversation holds its share of the prefetch");
-        } else {
-            debug!(id = %job.id, queue, "following older jobs of its conversation");
-        }
+        self.metrics
+            .jobs_deferred
+            .with_label_values(&[job.kind().as_str()])
+            .inc();
+        debug!(id = %job.id, queue, "deferred: its conversation holds its share of the prefetch");
         true
     }
 
@@ -311,10 +291,12 @@ impl Pipeline {
                 .await
             }
             Some(None) => {
-                match self
-                    .chains
-                    .route(&job.conversation_id, job.id, work.seq, tokio::time::Instant::now())
-                {
+                match self.chains.route(
+                    &job.conversation_id,
+                    job.id,
+                    work.seq,
+                    tokio::time::Instant::now(),
+                ) {
                     Route::Send => self.deliver(work, job, keyless).await,
                     Route::Follow { seq, tier } => {
                         let trail = Trail {
@@ -697,7 +679,7 @@ impl Pipeline {
         }
         let queue = &self.topology.tiers[tier];
         let properties = self.outgoing(work, extra);
-        // Durable before the copy exists (see `send_round`).
+        // Durable before the copy exists (see `park_deferred`).
         self.chains_durable().await;
         if !self.republish(work, queue, properties).await {
             // It stays in the chain, handed back, until it is redelivered (`settle`).

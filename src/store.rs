@@ -20,11 +20,11 @@
 //! followed it ran on the same opening of the database it was written to.
 //!
 //! The store also keeps the worker's chains ([`crate::order`]): which jobs of a conversation
-//! are out in the delay tiers, so that their order survives a restart. A chain is written as a
-//! whole per conversation, in the order the chains change, through the same writer thread; a
-//! caller that needs it durable (before acking a job it sent out) waits for a [`Store::flush`].
-//! Beside them, the sequences of jobs handed back to the broker, by job id, until the job is
-//! done: such a job may come back without its sequence.
+//! are out in the delay tiers, and the sequence of every job in the worker by job id, so that
+//! their order survives a restart or a crash. A chain is written as a whole per conversation;
+//! chains, sequences and records go through the same writer thread in the order they were
+//! written, and what survives a crash is a prefix of them; a caller that needs them durable
+//! (before a job goes to a tier) waits for a [`Store::flush`].
 //!
 //! sled is kept behind this module (it carries RustSec "unmaintained" advisories): swapping it
 //! touches nothing else.
@@ -99,7 +99,7 @@ enum Request {
         conversation: String,
         members: Vec<u8>,
     },
-    /// Keep (or, with `None`, forget) a handed-back job's sequence; answered by no one.
+    /// Keep (or, with `None`, forget) a job's sequence; answered by no one.
     Known {
         id: [u8; 16],
         entry: Option<Vec<u8>>,
@@ -143,7 +143,7 @@ struct Handles {
     /// Chains: conversation id → its members out, 32 bytes each: sequence, then expected return
     /// (Unix ms), both big-endian, then the job id.
     chains: sled::Tree,
-    /// Handed-back jobs: job id → sequence, then when it was handed back (Unix ms), both
+    /// Known sequences: job id → sequence, then when the job arrived (Unix ms), both
     /// big-endian, then the conversation id.
     known: sled::Tree,
 }
@@ -409,7 +409,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Keeps handed-back job `id`'s sequence (see [`crate::order`]), or forgets it with `None`.
+    /// Keeps job `id`'s sequence (see [`crate::order`]), or forgets it with `None`.
     /// Durable with the next flush, in the order written.
     pub fn write_known(&self, id: &Uuid, known: Option<SavedKnown>) {
         let entry = known.map(|k| {
@@ -425,7 +425,7 @@ impl Store {
         });
     }
 
-    /// Every handed-back job kept by [`Store::write_known`] and not forgotten since. Entries that
+    /// Every sequence kept by [`Store::write_known`] and not forgotten since. Entries that
     /// do not decode are skipped.
     pub fn known(&self) -> Result<Vec<(Uuid, SavedKnown)>, StoreError> {
         let h = self.handles()?;

@@ -204,40 +204,41 @@ async fn a_burst_of_keyless_jobs_does_not_hold_up_the_others() {
 
 /// Jobs deferred round the tiers keep their place across a restart of the worker: the chains
 /// are in the store. Before, a new worker knew nothing of the jobs out in the tiers, and the
-/// jobs published meanwhile went first.
+/// jobs published meanwhile (too few to be deferred themselves) went first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deferred_jobs_keep_their_order_across_a_restart() {
     let env = TestEnv::new("deferrestart").await;
     env.sandbox.update(|c| c.latency_ms = 20);
     env.declare().await;
-    const FIRST: u32 = 200;
-    const LATER: u32 = 20;
+    const FIRST: u32 = 100;
+    // Fewer than the share: the new worker does not defer them.
+    const LATER: u32 = 5;
     for i in 0..FIRST {
         env.publish(&text_job("big", &i.to_string())).await;
     }
     let flags = [
         "--retry-delays",
-        "3s,6s",
+        "10s,20s",
         "--prefetch",
         "40",
         "--fair-share",
         "10",
     ];
     let worker = env.start_worker(&flags).await;
-    // Stop once most of the backlog is out in the tiers (deferred, or following the deferred
-    // ones on arrival).
-    let tiers = ["3s", "6s"].map(|d| format!("{}.retry.{d}", env.names.queue));
+    // Stop once half the backlog is out in the tiers, long enough for it to be out still when
+    // the next worker starts.
+    let tiers = ["10s", "20s"].map(|d| format!("{}.retry.{d}", env.names.queue));
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut out = 0;
     while Instant::now() < deadline {
         out = env.queue_len(&tiers[0]).await + env.queue_len(&tiers[1]).await;
-        if out >= 100 {
+        if out >= 50 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        out >= 100 && deferred(&worker, "send-text") >= 1,
+        out >= 50 && deferred(&worker, "send-text") >= 1,
         "{out} jobs out in the tiers, deferred {}",
         deferred(&worker, "send-text")
     );
@@ -249,7 +250,7 @@ async fn deferred_jobs_keep_their_order_across_a_restart() {
     let worker = env.start_worker(&flags).await;
     let total = u64::from(FIRST + LATER);
     assert!(
-        eventually(Duration::from_secs(120), || {
+        eventually(Duration::from_secs(150), || {
             accepted_texts(&env).get("big").map_or(0, Vec::len) as u64 == total
         })
         .await,
