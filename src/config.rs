@@ -283,9 +283,9 @@ pub struct RunSettings {
     /// Fair share of the prefetch (see README "Delivery guarantees"): once the worker holds
     /// prefetch minus this many deliveries, a new job of a conversation holding this many (or of
     /// a keyless kind while those hold this many) is deferred round a delay tier, so the other
-    /// conversations keep flowing. 0 (the default) turns it off: deferred jobs lose their place
-    /// in their conversation's order across a worker restart. At most prefetch / 2.
-    #[arg(long, env = "BLINGER_WORKER_FAIR_SHARE", default_value_t = 0)]
+    /// conversations keep flowing. Default 50 (a quarter of the default prefetch); 0 turns it
+    /// off; at most prefetch / 2.
+    #[arg(long, env = "BLINGER_WORKER_FAIR_SHARE", default_value_t = 50)]
     pub fair_share: u16,
 
     /// Cap on calls to Blinger, requests per second (all kinds together).

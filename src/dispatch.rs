@@ -27,7 +27,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::fair::{Admit, FairShare, Held};
 use crate::job;
@@ -137,7 +137,11 @@ impl Dispatcher {
             );
         }
         let seq = match &job {
-            Ok(job) => self.pipeline.arrived(job, &trail),
+            Ok(job) => {
+                let seq = self.pipeline.arrived(job, &trail);
+                debug!(id = %job.id, seq, chain = ?trail.chain, redelivered = delivery.redelivered, "arrived");
+                seq
+            }
             Err(_) => 0,
         };
         let work = Work {

@@ -6,7 +6,7 @@
 //! queued jobs, or a burst of request-review jobs behind `BLINGER_WORKER_KEYLESS_CONCURRENCY=1`,
 //! would fill the prefetch, and no other conversation's job would arrive until it drained.
 //!
-//! The rule (`BLINGER_WORKER_FAIR_SHARE` = `share`, off when 0), decided when a delivery arrives
+//! The rule (`BLINGER_WORKER_FAIR_SHARE` = `share`, 50 by default, off when 0), decided when a delivery arrives
 //! (so the arriving job is its conversation's youngest): once the worker holds
 //! `prefetch − share` deliveries or more, a job whose conversation already holds `share` of
 //! them — or a keyless job while the keyless kinds hold `share` — is *deferred*: sent round a
@@ -16,11 +16,10 @@
 //! the worker is not slowed until the worker is nearly full. Nothing is deferred while the
 //! worker is paused (nothing flows then), or with a prefetch below [`MIN_PREFETCH`].
 //!
-//! Why it is off by default: the chain lives in memory, so a deferred job out in a tier when
-//! the worker restarts (a deploy, a crash) loses its place: younger jobs of its conversation
-//! may be sent before it comes back (the reliability suite's crash scenario measured hundreds
-//! of such overtakings with it on). Turning it on trades that for fairness; a chain kept in the
-//! store would remove the trade.
+//! Deferral puts jobs in the tiers in normal operation, not only after Blinger failures, so the
+//! chains are kept in the store ([`crate::order`]): a deferred job keeps its place across a
+//! restart or a crash of the worker (before that, the reliability suite's crash scenario
+//! counted hundreds of overtakings with the share on).
 //!
 //! Cost: a deferred job is one republish and comes back after its tier's delay, so a
 //! conversation with a backlog far beyond the share goes round the tiers a few times (measured

@@ -145,7 +145,7 @@ impl Pipeline {
         trail_key: TrailKey,
     ) -> Pipeline {
         Pipeline {
-            chains: Chains::new(policy.tiers.clone()),
+            chains: chains(&store, &policy),
             client,
             token,
             store,
@@ -179,25 +179,39 @@ impl Pipeline {
 
     /// The sequence of an arriving job (see [`crate::order`]).
     pub fn arrived(&self, job: &Job, trail: &Trail) -> u64 {
-        self.chains.arrived(Some(job.id), trail.chain)
+        self.chains
+            .arrived(&job.conversation_id, job.id, trail.chain)
+    }
+
+    /// Waits until the chains written so far are durable, before a job is sent round a tier. A
+    /// store that cannot flush costs only the order across a restart: the job goes round all
+    /// the same.
+    async fn chains_durable(&self) {
+        if let Err(e) = self.store.flush().await {
+            warn!(error = %e, "chains not durable: a restart now may let jobs overtake jobs out in the delay tiers");
+        }
     }
 
     /// The chain after a job's processing: a member that came back and left without being
     /// routed (a duplicate, expired, a conflict) is no longer out; a job handed back keeps its
-    /// place until it is redelivered.
+    /// place until it is redelivered (when stopping, the sequence it keeps is enough: it is
+    /// redelivered before anything that comes back from a tier); a job acked no longer needs
+    /// its sequence kept.
     fn settle(&self, work: &Work, outcome: Outcome) {
         let Ok(job) = &work.job else { return };
         match outcome {
-            Outcome::Duplicate | Outcome::DeadLettered(_) => {
-                self.chains.leave(&job.conversation_id, work.seq)
-            }
-            Outcome::HandedBack if !self.stopping.is_cancelled() => self.chains.handed_back(
+            Outcome::HandedBack if self.stopping.is_cancelled() => {}
+            Outcome::HandedBack => self.chains.handed_back(
                 &job.conversation_id,
                 job.id,
                 work.seq,
                 tokio::time::Instant::now(),
             ),
-            _ => {}
+            Outcome::Duplicate | Outcome::DeadLettered(_) => {
+                self.chains.leave(&job.conversation_id, work.seq);
+                self.chains.done(job.id);
+            }
+            Outcome::Delivered | Outcome::Parked => self.chains.done(job.id),
         }
     }
 
@@ -208,6 +222,7 @@ impl Pipeline {
         let job = work.job.as_ref().ok()?;
         Some(self.chains.defer(
             &job.conversation_id,
+            job.id,
             work.seq,
             tokio::time::Instant::now(),
             waiting,
@@ -231,10 +246,14 @@ impl Pipeline {
         let extra = trail.headers(&work.delivery.data, &self.trail_key);
         let properties = self.outgoing(work, extra);
         let queue = &self.topology.tiers[tier];
+        // Durable before the copy exists: a copy whose membership a crash lost would come back
+        // after younger jobs were sent.
+        self.chains_durable().await;
         if !self.republish(work, queue, properties).await {
             return false;
         }
         self.ack(work);
+        self.chains.done(job.id);
         self.metrics
             .jobs_deferred
             .with_label_values(&[job.kind().as_str()])
@@ -272,10 +291,12 @@ impl Pipeline {
                 .await
             }
             Some(None) => {
-                match self
-                    .chains
-                    .route(&job.conversation_id, work.seq, tokio::time::Instant::now())
-                {
+                match self.chains.route(
+                    &job.conversation_id,
+                    job.id,
+                    work.seq,
+                    tokio::time::Instant::now(),
+                ) {
                     Route::Send => self.deliver(work, job, keyless).await,
                     Route::Follow { seq, tier } => {
                         let trail = Trail {
@@ -536,6 +557,7 @@ impl Pipeline {
                                 .inc();
                             self.chains.parked(
                                 &job.conversation_id,
+                                job.id,
                                 work.seq,
                                 tier,
                                 tokio::time::Instant::now(),
@@ -657,6 +679,8 @@ impl Pipeline {
         }
         let queue = &self.topology.tiers[tier];
         let properties = self.outgoing(work, extra);
+        // Durable before the copy exists (see `park_deferred`).
+        self.chains_durable().await;
         if !self.republish(work, queue, properties).await {
             // It stays in the chain, handed back, until it is redelivered (`settle`).
             return self.hand_back(work).await;
@@ -838,6 +862,36 @@ impl Pipeline {
             _ = tokio::time::sleep(delay) => true,
         }
     }
+}
+
+/// The chains, kept in the store across restarts.
+fn chains(store: &Store, policy: &RetryPolicy) -> Chains {
+    struct InStore(Store);
+    impl crate::order::Journal for InStore {
+        fn write(&self, conversation: &str, members: &[crate::order::SavedMember]) {
+            self.0.write_chain(conversation, members);
+        }
+        fn know(&self, id: uuid::Uuid, known: Option<crate::order::SavedKnown>) {
+            self.0.write_known(&id, known);
+        }
+    }
+    let restored = store
+        .chains()
+        .and_then(|chains| {
+            Ok(crate::order::Restored {
+                chains,
+                known: store.known()?,
+            })
+        })
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the chains of the last run: jobs may overtake jobs out in the delay tiers");
+            crate::order::Restored::default()
+        });
+    Chains::with_journal(
+        policy.tiers.clone(),
+        Box::new(InStore(store.clone())),
+        restored,
+    )
 }
 
 /// Longest wait between two attempts on a failing store: short, so work resumes soon after the

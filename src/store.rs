@@ -19,6 +19,13 @@
 //! recorded again by the pipeline's retry. A record is reported durable only if the flush that
 //! followed it ran on the same opening of the database it was written to.
 //!
+//! The store also keeps the worker's chains ([`crate::order`]): which jobs of a conversation
+//! are out in the delay tiers, and the sequence of every job in the worker by job id, so that
+//! their order survives a restart or a crash. A chain is written as a whole per conversation;
+//! chains, sequences and records go through the same writer thread in the order they were
+//! written, and what survives a crash is a prefix of them; a caller that needs them durable
+//! (before a job goes to a tier) waits for a [`Store::flush`].
+//!
 //! sled is kept behind this module (it carries RustSec "unmaintained" advisories): swapping it
 //! touches nothing else.
 
@@ -30,6 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
+
+use crate::order::{SavedChain, SavedKnown, SavedMember};
 
 /// What the store knows of a delivered job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,11 +94,24 @@ enum Request {
     },
     /// Answer after a flush that starts after this request.
     Flush(FlushWaiter),
+    /// Replace a conversation's chain (remove it when `members` is empty); answered by no one.
+    Chain {
+        conversation: String,
+        members: Vec<u8>,
+    },
+    /// Keep (or, with `None`, forget) a job's sequence; answered by no one.
+    Known {
+        id: [u8; 16],
+        entry: Option<Vec<u8>>,
+    },
 }
 
 /// Page cache of the store. Lookups are by exact key and mostly for recent jobs.
 /// 4 MiB rather than 16: a worker's RSS grows with its page cache (measured in
 /// docs/performance.md), and a lookup that misses it reads from the OS page cache.
+/// Bytes of a chain member in the `chains` tree: sequence, expected return (Unix ms), job id.
+const CHAIN_MEMBER: usize = 8 + 8 + 16;
+
 const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Least time between two attempts to reopen a broken database.
@@ -118,6 +140,12 @@ struct Handles {
     /// (16 bytes each). Stores written before batching hold one entry per record: key
     /// `delivered_at ++ uuid`, empty value; pruning reads both.
     by_time: sled::Tree,
+    /// Chains: conversation id → its members out, 32 bytes each: sequence, then expected return
+    /// (Unix ms), both big-endian, then the job id.
+    chains: sled::Tree,
+    /// Known sequences: job id → sequence, then when the job arrived (Unix ms), both
+    /// big-endian, then the conversation id.
+    known: sled::Tree,
 }
 
 /// What the store handles and the writer thread share.
@@ -186,11 +214,15 @@ fn open_handles(dir: &Path, generation: u64) -> Result<Handles, StoreError> {
     .map_err(open_err)?;
     let delivered = db.open_tree("delivered").map_err(open_err)?;
     let by_time = db.open_tree("delivered_by_time").map_err(open_err)?;
+    let chains = db.open_tree("chains").map_err(open_err)?;
+    let known = db.open_tree("chain_known").map_err(open_err)?;
     Ok(Handles {
         generation,
         db,
         delivered,
         by_time,
+        chains,
+        known,
     })
 }
 
@@ -332,6 +364,95 @@ impl Store {
         wait(answer).await.map(drop)
     }
 
+    /// Replaces `conversation`'s chain: its members out (see [`crate::order`]). Durable with the
+    /// next flush; writes of one caller land in the order they were made.
+    pub fn write_chain(&self, conversation: &str, members: &[SavedMember]) {
+        let members = members
+            .iter()
+            .flat_map(|m| {
+                m.seq
+                    .to_be_bytes()
+                    .into_iter()
+                    .chain(m.back_ms.to_be_bytes())
+                    .chain(*m.id.as_bytes())
+            })
+            .collect();
+        let _ = self.inner.requests.send(Request::Chain {
+            conversation: conversation.to_owned(),
+            members,
+        });
+    }
+
+    /// Every chain written and not emptied since, as written by [`Store::write_chain`]. Entries
+    /// that do not decode are skipped.
+    pub fn chains(&self) -> Result<Vec<SavedChain>, StoreError> {
+        let h = self.handles()?;
+        let mut out = Vec::new();
+        for entry in h.chains.iter() {
+            let (key, value) = entry?;
+            let Ok(conversation) = String::from_utf8(key.to_vec()) else {
+                continue;
+            };
+            if value.len() % CHAIN_MEMBER != 0 {
+                continue;
+            }
+            let members = value
+                .chunks_exact(CHAIN_MEMBER)
+                .map(|m| SavedMember {
+                    seq: u64::from_be_bytes(m[..8].try_into().expect("8 bytes")),
+                    back_ms: u64::from_be_bytes(m[8..16].try_into().expect("8 bytes")),
+                    id: Uuid::from_bytes(m[16..].try_into().expect("16 bytes")),
+                })
+                .collect();
+            out.push((conversation, members));
+        }
+        Ok(out)
+    }
+
+    /// Keeps job `id`'s sequence (see [`crate::order`]), or forgets it with `None`.
+    /// Durable with the next flush, in the order written.
+    pub fn write_known(&self, id: &Uuid, known: Option<SavedKnown>) {
+        let entry = known.map(|k| {
+            let mut entry = Vec::with_capacity(16 + k.conversation.len());
+            entry.extend_from_slice(&k.seq.to_be_bytes());
+            entry.extend_from_slice(&k.at_ms.to_be_bytes());
+            entry.extend_from_slice(k.conversation.as_bytes());
+            entry
+        });
+        let _ = self.inner.requests.send(Request::Known {
+            id: *id.as_bytes(),
+            entry,
+        });
+    }
+
+    /// Every sequence kept by [`Store::write_known`] and not forgotten since. Entries that
+    /// do not decode are skipped.
+    pub fn known(&self) -> Result<Vec<(Uuid, SavedKnown)>, StoreError> {
+        let h = self.handles()?;
+        let mut out = Vec::new();
+        for entry in h.known.iter() {
+            let (key, value) = entry?;
+            let Ok(id) = <[u8; 16]>::try_from(&key[..]) else {
+                continue;
+            };
+            let Some((head, conversation)) = value.split_at_checked(16) else {
+                continue;
+            };
+            let Ok(conversation) = String::from_utf8(conversation.to_vec()) else {
+                continue;
+            };
+            out.push((
+                Uuid::from_bytes(id),
+                SavedKnown {
+                    conversation,
+                    seq: u64::from_be_bytes(head[..8].try_into().expect("8 bytes")),
+                    at_ms: u64::from_be_bytes(head[8..].try_into().expect("8 bytes")),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     /// Waits for a flush that starts after this call: everything written before is then durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.flush_generation().await.map(drop)
@@ -470,8 +591,9 @@ fn writer(shared: &Shared, mut requests: mpsc::UnboundedReceiver<Request>) {
         }
         let result = write_batch(shared, &batch);
         for request in batch.drain(..) {
-            let (Request::Record { done, .. } | Request::Flush(done)) = request;
-            let _ = done.send(result.clone());
+            if let Request::Record { done, .. } | Request::Flush(done) = request {
+                let _ = done.send(result.clone());
+            }
         }
     }
 }
@@ -489,12 +611,39 @@ fn write_batch(shared: &Shared, batch: &[Request]) -> Result<u64, String> {
 }
 
 fn insert_batch(h: &Handles, batch: &[Request]) -> sled::Result<()> {
+    for request in batch {
+        match request {
+            Request::Chain {
+                conversation,
+                members,
+            } if members.is_empty() => {
+                h.chains.remove(conversation.as_bytes())?;
+            }
+            Request::Chain {
+                conversation,
+                members,
+            } => {
+                h.chains
+                    .insert(conversation.as_bytes(), members.as_slice())?;
+            }
+            Request::Known { id, entry: None } => {
+                h.known.remove(id)?;
+            }
+            Request::Known {
+                id,
+                entry: Some(entry),
+            } => {
+                h.known.insert(id, entry.as_slice())?;
+            }
+            Request::Record { .. } | Request::Flush(_) => {}
+        }
+    }
     let records = || {
         batch.iter().filter_map(|r| match r {
             Request::Record {
                 id, at_ms, value, ..
             } => Some((id, *at_ms, value)),
-            Request::Flush(_) => None,
+            Request::Flush(_) | Request::Chain { .. } | Request::Known { .. } => None,
         })
     };
     let Some(newest) = records().map(|(_, at_ms, _)| at_ms).max() else {
@@ -532,6 +681,44 @@ mod tests {
             attempts: 1,
             digest: None,
         }
+    }
+
+    #[tokio::test]
+    async fn chains_and_handed_back_jobs_survive_close_and_reopen_in_the_order_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let member = |seq, back_ms| SavedMember {
+            seq,
+            back_ms,
+            id: Uuid::from_u128(u128::from(seq) << 64 | u128::from(back_ms)),
+        };
+        store.write_chain("a", &[member(1, 100)]);
+        store.write_chain("a", &[member(1, 100), member(7, 200)]);
+        store.write_chain("b", &[member(3, 300)]);
+        store.write_chain("b", &[]);
+        store.write_chain("c/ü", &[member(u64::MAX, 0)]);
+        let (kept, forgotten) = (Uuid::new_v4(), Uuid::new_v4());
+        let known = SavedKnown {
+            conversation: "c/ü".to_owned(),
+            seq: 9,
+            at_ms: 900,
+        };
+        store.write_known(&kept, Some(known.clone()));
+        store.write_known(&forgotten, Some(known.clone()));
+        store.write_known(&forgotten, None);
+        store.flush().await.unwrap();
+        store.close().await.unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut chains = store.chains().unwrap();
+        chains.sort();
+        assert_eq!(
+            chains,
+            vec![
+                ("a".to_owned(), vec![member(1, 100), member(7, 200)]),
+                ("c/ü".to_owned(), vec![member(u64::MAX, 0)]),
+            ]
+        );
+        assert_eq!(store.known().unwrap(), vec![(kept, known)]);
     }
 
     #[tokio::test]

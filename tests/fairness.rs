@@ -201,3 +201,74 @@ async fn a_burst_of_keyless_jobs_does_not_hold_up_the_others() {
     worker.stop().await;
     cleanup(env).await;
 }
+
+/// Jobs deferred round the tiers keep their place across a restart of the worker: the chains
+/// are in the store. Before, a new worker knew nothing of the jobs out in the tiers, and the
+/// jobs published meanwhile (too few to be deferred themselves) went first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_jobs_keep_their_order_across_a_restart() {
+    let env = TestEnv::new("deferrestart").await;
+    env.sandbox.update(|c| c.latency_ms = 20);
+    env.declare().await;
+    const FIRST: u32 = 100;
+    // Fewer than the share: the new worker does not defer them.
+    const LATER: u32 = 5;
+    for i in 0..FIRST {
+        env.publish(&text_job("big", &i.to_string())).await;
+    }
+    let flags = [
+        "--retry-delays",
+        "10s,20s",
+        "--prefetch",
+        "40",
+        "--fair-share",
+        "10",
+    ];
+    let worker = env.start_worker(&flags).await;
+    // Stop once half the backlog is out in the tiers, long enough for it to be out still when
+    // the next worker starts.
+    let tiers = ["10s", "20s"].map(|d| format!("{}.retry.{d}", env.names.queue));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = 0;
+    while Instant::now() < deadline {
+        out = env.queue_len(&tiers[0]).await + env.queue_len(&tiers[1]).await;
+        if out >= 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        out >= 50 && deferred(&worker, "send-text") >= 1,
+        "{out} jobs out in the tiers, deferred {}",
+        deferred(&worker, "send-text")
+    );
+    worker.stop().await;
+    // Published while no worker runs: younger than every job out in the tiers.
+    for i in FIRST..FIRST + LATER {
+        env.publish(&text_job("big", &i.to_string())).await;
+    }
+    let worker = env.start_worker(&flags).await;
+    let total = u64::from(FIRST + LATER);
+    assert!(
+        eventually(Duration::from_secs(150), || {
+            accepted_texts(&env).get("big").map_or(0, Vec::len) as u64 == total
+        })
+        .await,
+        "delivered {} of {total}: {:?}",
+        accepted_texts(&env).get("big").map_or(0, Vec::len),
+        accepted_texts(&env).get("big")
+    );
+    assert_eq!(
+        accepted_texts(&env)["big"],
+        (0..FIRST + LATER).collect::<Vec<_>>(),
+        "out of order across the restart"
+    );
+    worker.stop().await;
+    for tier in tiers {
+        let _ = env
+            .channel
+            .queue_delete(tier.as_str().into(), Default::default())
+            .await;
+    }
+    cleanup(env).await;
+}

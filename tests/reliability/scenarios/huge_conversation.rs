@@ -6,8 +6,8 @@
 //! drained. The small conversations must all be delivered within [`SMALL_BOUND`] of the end of
 //! publishing, in order, while the big one drains in order.
 //!
-//! With `BLINGER_WORKER_FAIR_SHARE=50` (a quarter of the default prefetch; the setting is off by
-//! default, see `src/fair.rs`).
+//! With `BLINGER_WORKER_FAIR_SHARE=50` (the default, a quarter of the default prefetch; set
+//! explicitly so that the scenario does not depend on the default, see `src/fair.rs`).
 //!
 //! The sizes in both profiles: with fewer big jobs (600, say) the small ones would reach
 //! the worker after ~400 big round trips (~10 s) even with no fair share, and the bound would not
