@@ -511,57 +511,21 @@ mod tests {
         let c = Chains::new(tiers());
         let t0 = Instant::now();
         let per_job = Duration::from_millis(100);
+        // A new job of `conversation` deferred with `waiting` jobs in its lane: its tier.
+        let defer_new = |conversation: &str, waiting: usize| {
+            let seq = c.arrived(conversation, Uuid::new_v4(), None);
+            c.defer(conversation, NIL, seq, t0, waiting, per_job)
+        };
         // 40 waiting × 100 ms = 4 s: the 5 s tier.
-        assert_eq!(
-            c.defer(
-                "x",
-                NIL,
-                c.arrived("x", Uuid::new_v4(), None),
-                t0,
-                40,
-                per_job
-            ),
-            0
-        );
+        assert_eq!(defer_new("x", 40), 0);
         // 40 waiting and 1 out ahead, then 2, ...: past 50 jobs ahead, the 30 s tier.
-        let tiers: Vec<usize> = (0..20)
-            .map(|_| {
-                c.defer(
-                    "x",
-                    NIL,
-                    c.arrived("x", Uuid::new_v4(), None),
-                    t0,
-                    40,
-                    per_job,
-                )
-            })
-            .collect();
+        let tiers: Vec<usize> = (0..20).map(|_| defer_new("x", 40)).collect();
         assert_eq!(tiers[..10], [0; 10]);
         assert!(tiers[10..].iter().all(|&t| t == 1), "{tiers:?}");
         // Never shorter than the members out ahead: 2 waiting, but the 30 s tier.
-        assert_eq!(
-            c.defer(
-                "x",
-                NIL,
-                c.arrived("x", Uuid::new_v4(), None),
-                t0,
-                2,
-                per_job
-            ),
-            1
-        );
+        assert_eq!(defer_new("x", 2), 1);
         // A 5,000-job backlog goes to the longest tier.
-        assert_eq!(
-            c.defer(
-                "y",
-                NIL,
-                c.arrived("x", Uuid::new_v4(), None),
-                t0,
-                5000,
-                per_job
-            ),
-            2
-        );
+        assert_eq!(defer_new("y", 5000), 2);
     }
 
     #[test]
