@@ -19,30 +19,36 @@ WORKDIR /build
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0
 
-# 1. Dependency layer, cached until Cargo.toml or Cargo.lock change: build every dependency against stub
-#    sources. Targets declared explicitly in Cargo.toml ([lib], [[bin]], [[bench]], [[test]], [[example]])
-#    must exist for the manifest to load, so the awk program writes a stub for each one it names.
+# 1. Dependency layer, cached until a manifest or Cargo.lock changes: build every dependency of the
+#    worker against stub sources. Cargo loads every member of the workspace, so each crate's manifest
+#    is copied and each target it declares ([lib], [[bin]], [[bench]], [[test]], [[example]]) gets a
+#    stub, as does each crate's src/lib.rs.
 COPY Cargo.toml Cargo.lock ./
+COPY crates/blinger-api/Cargo.toml crates/blinger-api/
+COPY crates/blinger-worker/Cargo.toml crates/blinger-worker/
+COPY crates/blinger-sandbox/Cargo.toml crates/blinger-sandbox/
+COPY crates/test-support/Cargo.toml crates/test-support/
 RUN set -eux; \
-    awk -F'"' ' \
-      /^[[:space:]]*\[/ { kind = $0; gsub(/[][[:space:]]/, "", kind); next } \
-      kind ~ /^(bench|test|example)$/ && /^[[:space:]]*name[[:space:]]*=/ { print (kind == "bench" ? "benches" : kind "s") "/" $2 ".rs" } \
-      kind ~ /^(lib|bin|bench|test|example)$/ && /^[[:space:]]*path[[:space:]]*=/ { print $2 } \
-    ' Cargo.toml > /tmp/stub-targets; \
-    printf '%s\n' src/main.rs src/bin/blinger-sandbox.rs >> /tmp/stub-targets; \
+    for dir in crates/*/; do \
+      awk -F'"' -v dir="$dir" ' \
+        /^[[:space:]]*\[/ { kind = $0; gsub(/[][[:space:]]/, "", kind); next } \
+        kind ~ /^(bench|test|example)$/ && /^[[:space:]]*name[[:space:]]*=/ { print dir (kind == "bench" ? "benches" : kind "s") "/" $2 ".rs" } \
+        kind ~ /^(lib|bin|bench|test|example)$/ && /^[[:space:]]*path[[:space:]]*=/ { print dir $2 } \
+      ' "$dir/Cargo.toml"; \
+    done > /tmp/stub-targets; \
     while read -r f; do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done < /tmp/stub-targets; \
-    : > src/lib.rs; \
-    cargo build --release --locked --bin blinger-worker; \
-    rm -rf src benches tests examples /tmp/stub-targets
+    for dir in crates/*/; do mkdir -p "${dir}src"; : > "${dir}src/lib.rs"; done; \
+    cargo build --release --locked -p blinger-worker --bin blinger-worker; \
+    rm -rf crates/*/src crates/*/benches crates/*/tests crates/*/examples /tmp/stub-targets
 
 # 2. The real sources (.dockerignore keeps target/, .git, helm/, deploy/ ... out of the context).
 #    COPY keeps the files' old mtimes, which can be older than the stub build: touch them and drop the
-#    package's own fingerprints so cargo rebuilds the crate instead of shipping the stubs.
+#    workspace crates' own fingerprints so cargo rebuilds them instead of shipping the stubs.
 COPY . .
 RUN set -eux; \
-    find src -name '*.rs' -exec touch {} +; \
-    rm -rf target/release/.fingerprint/blinger-worker-*; \
-    cargo build --release --locked --bin blinger-worker; \
+    find crates -name '*.rs' -exec touch {} +; \
+    rm -rf target/release/.fingerprint/blinger-worker-* target/release/.fingerprint/blinger-api-*; \
+    cargo build --release --locked -p blinger-worker --bin blinger-worker; \
     mkdir -p /out/bin /out/data; \
     cp target/release/blinger-worker /out/bin/
 

@@ -21,7 +21,7 @@ What is checked, and how:
     no schema there, so they are validated against hand-written subset schemas below (the fields this chart
     emits, with the upstream CRDs' types and patterns, additionalProperties false) -- not the upstream CRDs;
   * the rendered StatefulSet keeps its contract (probes, security context, grace, env, token file, PVC); the
-    env must carry every setting named `env = "NAME"` in src/config.rs (AMQP_URL from the Secret, the token
+    env must carry every setting named `env = "NAME"` in crates/blinger-worker/src/config.rs (AMQP_URL from the Secret, the token
     as BLINGER_API_TOKEN_FILE, never BLINGER_API_TOKEN);
   * the standalone rules file equals the rendered PrometheusRule spec (default values), and the rendered
     rules of both value sets pass `promtool check rules`.
@@ -67,17 +67,17 @@ RULES_HEADER = """\
 """
 
 # Every worker setting the chart must pass (issue 2/5 contract), derived from the worker's own source: each
-# `env = "NAME"` in src/config.rs, so a setting added to the worker but not to the chart fails the check.
+# `env = "NAME"` in crates/blinger-worker/src/config.rs, so a setting added to the worker but not to the chart fails the check.
 # Two are special: AMQP_URL must come from the Secret (secretKeyRef), and the token is given as a file
 # (BLINGER_API_TOKEN_FILE), so BLINGER_API_TOKEN must NOT be set as a plain env var.
-CONFIG_RS = ROOT / "src" / "config.rs"
+CONFIG_RS = ROOT / "crates" / "blinger-worker" / "src" / "config.rs"
 ENV_FROM_SECRET = "AMQP_URL"
 ENV_TOKEN_FILE = "BLINGER_API_TOKEN_FILE"
 ENV_FORBIDDEN = {"BLINGER_API_TOKEN"}
 
 
 def worker_env_names() -> set[str]:
-    """Every `env = "NAME"` of src/config.rs (the clap settings of `blinger-worker run` and the AMQP settings)."""
+    """Every `env = "NAME"` of crates/blinger-worker/src/config.rs (the clap settings of `blinger-worker run` and the AMQP settings)."""
     names = set(re.findall(r'\benv\s*=\s*"([A-Z][A-Z0-9_]*)"', CONFIG_RS.read_text()))
     if not names:
         sys.exit(f"deploy_checks: no env = \"NAME\" found in {CONFIG_RS.relative_to(ROOT)}")
@@ -445,7 +445,7 @@ def statefulset_contract(label: str, values: dict[str, Any], rendered: dict[str,
         need(pod["terminationGracePeriodSeconds"] > grace,
              f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} not above shutdown grace {grace}")
         if values.get("terminationGracePeriodSeconds") is None:
-            # The worker's whole shutdown (src/shutdown.rs `budget`): grace + request timeout + 15 s.
+            # The worker's whole shutdown (crates/blinger-worker/src/runtime/shutdown.rs `budget`): grace + request timeout + 15 s.
             budget = grace + duration_seconds(str(merged["worker"]["requestTimeout"])) + 15
             need(pod["terminationGracePeriodSeconds"] >= budget,
                  f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} below the worker's "

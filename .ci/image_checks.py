@@ -46,9 +46,9 @@ def main() -> int:
             stages[-1].append((word, rest))
     if not stages:
         problems.append("no FROM stage")
-    # Every cargo build names the worker's binary (a bare build would build every [[bin]]) and
-    # only it. (The dependency layer still writes a stub for src/bin/blinger-sandbox.rs: the
-    # manifest names that target, so it must exist for cargo to load the manifest.)
+    # Every cargo build names the worker's binary (a bare build would build every [[bin]] of the
+    # workspace, the sandbox's included) and only it. (The dependency layer still writes stubs for
+    # the sandbox crate's sources: cargo loads every member's manifest, so their targets must exist.)
     for word, rest in steps:
         if word != "RUN":
             continue

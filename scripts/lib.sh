@@ -113,7 +113,7 @@ ensure_prometheus() {
 }
 
 # A RabbitMQ user with the `impersonator` tag, so the hostile-publisher tests can publish with
-# another user's `user_id` (tests/hostile_publishers.rs). `impersonator_url URL CTL...` makes it
+# another user's `user_id` (crates/blinger-worker/tests/hostile_publishers.rs). `impersonator_url URL CTL...` makes it
 # on the broker at URL with the rabbitmqctl command line CTL (as scripts/test.sh's run_broker has
 # it) and prints that user's URL for AMQP_IMPERSONATOR_URL.
 impersonator_url() {

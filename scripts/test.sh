@@ -49,7 +49,7 @@ setup() {
 phase "brokers and tools" "-" setup
 
 phase "cargo fmt --check" "-" cargo fmt --all -- --check
-phase "cargo clippy --all-targets -D warnings" "-" cargo clippy -q --all-targets -- -D warnings
+phase "cargo clippy --workspace --all-targets -D warnings" "-" cargo clippy -q --workspace --all-targets -- -D warnings
 phase "deployment checks" "-" bash .ci/deploy-checks.sh
 # Build once: the demo's binaries and every test binary; the runs below only run them.
 phase "build (bins, tests)" "-" sh -c 'cargo build -q --bins && cargo nextest run --profile ci --no-run'

@@ -76,7 +76,7 @@ app.kubernetes.io/part-of: blinger-worker
 {{- end }}
 
 {{/*
-terminationGracePeriodSeconds: explicit, else the worker's whole shutdown budget (src/shutdown.rs
+terminationGracePeriodSeconds: explicit, else the worker's whole shutdown budget (crates/blinger-worker/src/runtime/shutdown.rs
 `budget`): shutdown grace + request timeout + 15 s; always above the shutdown grace.
 */}}
 {{- define "blinger-worker.terminationGracePeriodSeconds" -}}

@@ -1,0 +1,255 @@
+//! The broker topology, declared idempotently by the worker at every (re)connect.
+//!
+//! ```text
+//! exchange blinger.outbound (topic, durable)
+//!   └─ "#" ─> queue blinger.outbound (quorum: delivery limit, dead-letters to the DLQ)
+//! queue blinger.outbound.retry.<delay> (one per tier; TTL = delay; expired messages are
+//!   dead-lettered through the default exchange back to the work queue)
+//! queue blinger.outbound.dead (the dead-letter queue)
+//! exchange blinger.outbound.events (topic, durable): delivery receipts
+//! ```
+//!
+//! Quorum queues on RabbitMQ 4.x have a delivery limit of 20 unless they set one, and every
+//! hand-back (a nack with requeue, a channel or connection closed with the message unacked) counts
+//! toward it, on 3.10 as on 4.x. The dead-letter queue has no dead-letter exchange of its own, so
+//! at that limit a dead letter would be dropped after 20 readings by `blinger-worker dlq`; a tier
+//! message would leave its tier early. So the dead-letter queue and the tiers are declared with
+//! [`PARKING_DELIVERY_LIMIT`]. A queue declared by an earlier version without it is kept as it is
+//! (see [`declare_upgrading`]): RabbitMQ refuses to redeclare a queue with other arguments.
+//!
+//! Delay tiers use per-queue TTLs, not a broker plugin: every message in a tier waits the same
+//! time, so they leave in the order they entered. With quorum queues, broker-side dead-lettering is
+//! `at-least-once` (which requires `overflow: reject-publish`), so a message moving between queues
+//! is never dropped.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ExchangeKind};
+
+use crate::config::{AmqpSettings, QueueType};
+use crate::engine::retry::tier_queue_name;
+
+/// Names of the queues the worker uses, derived once from the settings.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub exchange: String,
+    pub queue: String,
+    pub dead_letter_queue: String,
+    pub receipts_exchange: String,
+    /// Tier queue names, in the order of [`AmqpSettings::retry_delays`].
+    pub tiers: Vec<String>,
+}
+
+impl Topology {
+    pub fn new(settings: &AmqpSettings) -> Topology {
+        Topology {
+            exchange: settings.exchange.clone(),
+            queue: settings.queue.clone(),
+            dead_letter_queue: settings.dead_letter_queue.clone(),
+            receipts_exchange: settings.receipts_exchange.clone(),
+            tiers: settings
+                .retry_delays
+                .0
+                .iter()
+                .map(|d| tier_queue_name(&settings.queue, *d))
+                .collect(),
+        }
+    }
+}
+
+fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn type_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        args.insert("x-queue-type".into(), string("quorum"));
+    }
+    args
+}
+
+/// `x-delivery-limit` of the dead-letter queue and the tiers (quorum): never reached in practice,
+/// with the same meaning on RabbitMQ 3.10 and 4.x. Not `-1`: that is "no limit" on 4.x only, and
+/// on 3.10 drops a message at its first redelivery (both measured by `crates/blinger-worker/tests/broker_versions.rs`).
+pub const PARKING_DELIVERY_LIMIT: i32 = i32::MAX;
+
+/// Dead-letter everything the broker drops from a queue to `target` via the default exchange.
+fn dead_letter_to(args: &mut FieldTable, queue_type: QueueType, target: &str) {
+    args.insert("x-dead-letter-exchange".into(), string(""));
+    args.insert("x-dead-letter-routing-key".into(), string(target));
+    if queue_type == QueueType::Quorum {
+        args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+        args.insert("x-overflow".into(), string("reject-publish"));
+    }
+}
+
+/// Declares everything on `channel`. Safe to repeat; fails if an existing queue has different
+/// arguments (RabbitMQ's PRECONDITION_FAILED), which the caller reports with the queue's name.
+pub async fn declare(
+    channel: &Channel,
+    settings: &AmqpSettings,
+    topology: &Topology,
+) -> lapin::Result<()> {
+    declare_all(None, channel, settings, topology).await
+}
+
+/// [`declare`], except that a dead-letter queue or tier declared by an earlier version (quorum,
+/// without [`PARKING_DELIVERY_LIMIT`]) is accepted as it is, with a warning that names the policy
+/// to set on RabbitMQ 4.x. Each such queue is tried first on a channel of its own from
+/// `connection`, since a refused declare closes its channel; `channel` is left usable.
+pub async fn declare_upgrading(
+    connection: &Connection,
+    channel: &Channel,
+    settings: &AmqpSettings,
+    topology: &Topology,
+) -> lapin::Result<()> {
+    declare_all(Some(connection), channel, settings, topology).await
+}
+
+async fn declare_all(
+    connection: Option<&Connection>,
+    channel: &Channel,
+    settings: &AmqpSettings,
+    topology: &Topology,
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for exchange in [&topology.exchange, &topology.receipts_exchange] {
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+
+    declare_parking(
+        connection,
+        channel,
+        &topology.dead_letter_queue,
+        settings.queue_type,
+        type_args(settings.queue_type),
+    )
+    .await?;
+
+    let mut work_args = type_args(settings.queue_type);
+    if settings.queue_type == QueueType::Quorum {
+        work_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(settings.delivery_limit.min(i32::MAX as u32) as i32),
+        );
+    }
+    dead_letter_to(
+        &mut work_args,
+        settings.queue_type,
+        &topology.dead_letter_queue,
+    );
+    channel
+        .queue_declare(topology.queue.as_str().into(), durable, work_args)
+        .await?;
+    channel
+        .queue_bind(
+            topology.queue.as_str().into(),
+            topology.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    for (name, delay) in topology.tiers.iter().zip(&settings.retry_delays.0) {
+        let mut args = type_args(settings.queue_type);
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32),
+        );
+        dead_letter_to(&mut args, settings.queue_type, &topology.queue);
+        declare_parking(connection, channel, name, settings.queue_type, args).await?;
+    }
+    Ok(())
+}
+
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err) if err.get_id() == 406)
+}
+
+/// Declares the dead-letter queue or a tier: with [`PARKING_DELIVERY_LIMIT`] if quorum; with
+/// `connection`, falling back to `args` alone (what earlier versions declared) when the queue
+/// exists without the limit.
+async fn declare_parking(
+    connection: Option<&Connection>,
+    channel: &Channel,
+    name: &str,
+    queue_type: QueueType,
+    args: FieldTable,
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    if queue_type != QueueType::Quorum {
+        channel.queue_declare(name.into(), durable, args).await?;
+        return Ok(());
+    }
+    let mut limited = args.clone();
+    limited.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(PARKING_DELIVERY_LIMIT),
+    );
+    let Some(connection) = connection else {
+        channel.queue_declare(name.into(), durable, limited).await?;
+        return Ok(());
+    };
+    let probe = connection.create_channel().await?;
+    match probe.queue_declare(name.into(), durable, limited).await {
+        Ok(_) => {
+            let _ = probe.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(e) if is_precondition_failed(&e) => {
+            // The probe channel is closed by the broker. An incompatible queue of another kind
+            // fails here as it always did, on the caller's channel.
+            channel.queue_declare(name.into(), durable, args).await?;
+            let pattern = format!("^{}$", regex_escape(name));
+            let advice = format!(
+                "queue {name} was declared by an earlier blinger-worker without x-delivery-limit, \
+                 and is kept as it is. On RabbitMQ 4.x that gives it a delivery limit of 20, and \
+                 every reading by `blinger-worker dlq` counts toward it: set a policy, e.g. \
+                 rabbitmqctl set_policy --apply-to queues 'blinger-worker-limit-{name}' '{pattern}' \
+                 '{{\"delivery-limit\": {PARKING_DELIVERY_LIMIT}}}' (docs/deploy.md, \
+                 \"RabbitMQ versions\")"
+            );
+            if tracing::dispatcher::has_been_set() {
+                tracing::warn!(queue = name, "{advice}");
+            } else {
+                // The operator commands log nothing: tell the operator directly.
+                eprintln!("blinger-worker: warning: {advice}");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = probe.close(200, "declared".into()).await;
+            Err(e)
+        }
+    }
+}
+
+/// `name` as a regular expression that matches only itself (RabbitMQ policy patterns).
+fn regex_escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,17 @@
+//! The delivery engine: what happens to a job between its arrival and its ack, with no knowledge
+//! of how the broker or Blinger are reached beyond their clients.
+//!
+//! - [`dispatch`]: per-conversation lanes, the concurrency cap and the keyless permits;
+//! - [`order`]: order per conversation across delay tiers and restarts (the chains);
+//! - [`fair`]: the fair share of the prefetch (deferral of the newest job of a big lane);
+//! - [`retry`]: backoff and the delay tiers; [`ratelimit`]: the global request cap;
+//! - [`pause`]: pausing on 401/403 and the probe that resumes;
+//! - [`pipeline`]: one job from delivery to ack, driving the above.
+
+pub mod dispatch;
+pub mod fair;
+pub mod order;
+pub mod pause;
+pub mod pipeline;
+pub mod ratelimit;
+pub mod retry;

@@ -1,0 +1,928 @@
+//! The pipeline: what happens to one job, from its delivery to its ack.
+//!
+//! ```text
+//! delivery ─ invalid? ──────────────────────────────────────> dead-letter `invalid`
+//!          ─ already in the store? ─ same job ──────────────> ack (duplicate)
+//!                                  ─ another job, same id ─> dead-letter `conflict`
+//!          ─ expired? ──────────────────────────────────────> dead-letter `expired`
+//!          ─ older jobs of its conversation in a delay tier? ─> follow them (see `order`)
+//!          ─ rate limiter ─ Blinger ─ accepted ─ record (group commit) ─> ack
+//!                                   ─ transient ─ backoff, retry ─ park in a delay tier ─ dead-letter `retries-exhausted`
+//!                                   ─ permanent ─> dead-letter `rejected`
+//!                                   ─ 401/403 ───> pause, probe, resume (the job is kept)
+//! ```
+//!
+//! Guarantees: a job is acked only after Blinger accepted it and its record is durable, or after
+//! its republish (delay tier, dead-letter queue) was confirmed by the broker. A job that cannot be
+//! finished (connection lost, shutdown grace over) is simply not acked: the broker redelivers it,
+//! and the store makes the redelivery a no-op if Blinger had already accepted it.
+//!
+//! Untrusted input: the delivery's properties and headers are the publisher's, like its body.
+//! The worker's own trail (retries, chain, attempts) is read only from a seal the worker wrote
+//! ([`crate::contract::trail`]), and every republish is built from an allowlist ([`broker::outgoing`]).
+//!
+//! Per-conversation order: the dispatcher runs one job per conversation at a time, and when a job
+//! is parked in a delay tier the later jobs of its conversation follow it through the tiers
+//! ([`crate::engine::order`]), so they are sent after it instead of overtaking it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::BasicNackOptions;
+use lapin::types::AMQPValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::blinger::failure::{Class, Failure};
+use crate::blinger::{Accepted, Client};
+use crate::broker::acks::Acks;
+use crate::broker::{self, Topology, headers, outgoing};
+use crate::config::TokenSource;
+use crate::contract::job::{InvalidJob, Job, Kind};
+use crate::contract::receipts::{self, Receipt};
+use crate::contract::trail::{Trail, TrailKey};
+use crate::engine::order::{Chains, Route};
+use crate::engine::pause::{Pass, PauseGate, Probe};
+use crate::engine::ratelimit::Limiter;
+use crate::engine::retry::{Next, RetryPolicy};
+use crate::runtime::telemetry::{DeadReason, Health, Metrics, kind_label};
+use crate::store::{Delivered, Store, now_ms};
+
+/// Longest `x-blinger-error` text.
+const MAX_ERROR_CHARS: usize = 1000;
+
+/// The channel a delivery came in on, and whether it is still open. Acks and republishes of a
+/// delivery go through its own session: once that session is gone, the broker will redeliver.
+pub struct SessionLink {
+    /// Receipts.
+    pub publish: Channel,
+    /// Delay-tier and dead-letter republishes, each confirm exactly its own.
+    pub republisher: Arc<broker::Republisher>,
+    pub alive: CancellationToken,
+    /// Acks of the deliveries of this session, batched.
+    pub acks: Acks,
+    /// Most bytes of a publisher's headers a republish on this session copies
+    /// ([`outgoing::header_budget`] of the negotiated frame size).
+    pub header_budget: usize,
+}
+
+/// One message taken from the work queue.
+pub struct Work {
+    pub delivery: Delivery,
+    pub session: Arc<SessionLink>,
+    pub job: Result<Job, InvalidJob>,
+    /// The worker's own trail, from a seal it wrote; fresh for a publisher's message.
+    pub trail: Trail,
+    /// Its place among its conversation's jobs ([`Pipeline::arrived`]); 0 for an invalid one.
+    pub seq: u64,
+    /// Unix milliseconds when this worker took the message.
+    pub received_ms: u64,
+}
+
+impl Work {
+    pub fn kind(&self) -> Option<Kind> {
+        match &self.job {
+            Ok(job) => Some(job.kind()),
+            Err(invalid) => invalid.kind,
+        }
+    }
+}
+
+/// Everything a job needs, shared by all jobs.
+pub struct Pipeline {
+    pub client: Client,
+    pub token: TokenSource,
+    pub store: Store,
+    pub limiter: Limiter,
+    pub policy: RetryPolicy,
+    pub topology: Topology,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub gate: PauseGate,
+    /// Consumption has stopped (shutdown): jobs waiting on a backoff park at once, paused jobs
+    /// are handed back.
+    pub stopping: CancellationToken,
+    /// The shutdown grace is over: jobs not yet started are handed back.
+    pub abort: CancellationToken,
+    chains: Chains,
+    /// The receipts exchange, when receipts are on.
+    pub receipts: Option<String>,
+    /// Permits for calls without an idempotency key (request-review, assign-agent): what a crash
+    /// can repeat. The dispatcher takes one before the job's concurrency slot (waiting for it
+    /// holds no slot); the job gives it up while it waits (backoff, pause) and holds it from each
+    /// call until the call failed or its delivered record is durable. Unlimited unless set.
+    pub keyless: Arc<Semaphore>,
+    /// Seals the trail of the jobs this worker parks.
+    pub trail_key: TrailKey,
+}
+
+/// How a job's processing ended, for tests and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Duplicate,
+    Parked,
+    DeadLettered(DeadReason),
+    /// Not acked: the broker will redeliver it.
+    HandedBack,
+}
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        token: TokenSource,
+        store: Store,
+        limiter: Limiter,
+        policy: RetryPolicy,
+        topology: Topology,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        stopping: CancellationToken,
+        trail_key: TrailKey,
+    ) -> Pipeline {
+        Pipeline {
+            chains: chains(&store, &policy),
+            client,
+            token,
+            store,
+            limiter,
+            policy,
+            topology,
+            gate: PauseGate::new(health.clone()),
+            metrics,
+            health,
+            stopping,
+            abort: CancellationToken::new(),
+            receipts: None,
+            keyless: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            trail_key,
+        }
+    }
+
+    /// Processes one message to its end. `keyless` is the job's keyless permit when it needs
+    /// one and the caller took it already (see [`Pipeline::keyless`]).
+    pub async fn process(&self, work: Work, keyless: Option<OwnedSemaphorePermit>) -> Outcome {
+        if work.session.alive.is_cancelled() || self.abort.is_cancelled() {
+            self.settle(&work, Outcome::HandedBack);
+            return Outcome::HandedBack;
+        }
+        self.metrics.jobs_in_flight.inc();
+        let outcome = self.process_inner(&work, keyless).await;
+        self.metrics.jobs_in_flight.dec();
+        self.settle(&work, outcome);
+        outcome
+    }
+
+    /// The sequence of an arriving job (see [`crate::engine::order`]).
+    pub fn arrived(&self, job: &Job, trail: &Trail) -> u64 {
+        self.chains
+            .arrived(&job.conversation_id, job.id, trail.chain)
+    }
+
+    /// Waits until the chains written so far are durable, before a job is sent round a tier. A
+    /// store that cannot flush costs only the order across a restart: the job goes round all
+    /// the same.
+    async fn chains_durable(&self) {
+        if let Err(e) = self.store.flush().await {
+            warn!(error = %e, "chains not durable: a restart now may let jobs overtake jobs out in the delay tiers");
+        }
+    }
+
+    /// The chain after a job's processing: a member that came back and left without being
+    /// routed (a duplicate, expired, a conflict) is no longer out; a job handed back keeps its
+    /// place until it is redelivered (when stopping, the sequence it keeps is enough: it is
+    /// redelivered before anything that comes back from a tier); a job acked no longer needs
+    /// its sequence kept.
+    fn settle(&self, work: &Work, outcome: Outcome) {
+        let Ok(job) = &work.job else { return };
+        match outcome {
+            Outcome::HandedBack if self.stopping.is_cancelled() => {}
+            Outcome::HandedBack => self.chains.handed_back(
+                &job.conversation_id,
+                job.id,
+                work.seq,
+                tokio::time::Instant::now(),
+            ),
+            Outcome::Duplicate | Outcome::DeadLettered(_) => {
+                self.chains.leave(&job.conversation_id, work.seq);
+                self.chains.done(job.id);
+            }
+            Outcome::Delivered | Outcome::Parked => self.chains.done(job.id),
+        }
+    }
+
+    /// Records that `work` is deferred (see [`crate::engine::fair`]) and returns its tier. Call when it
+    /// arrives, before any younger job of its conversation is routed. `waiting`: jobs of its
+    /// conversation in the worker, each taking about `per_job`.
+    pub fn defer(&self, work: &Work, waiting: usize, per_job: Duration) -> Option<usize> {
+        let job = work.job.as_ref().ok()?;
+        Some(self.chains.defer(
+            &job.conversation_id,
+            job.id,
+            work.seq,
+            tokio::time::Instant::now(),
+            waiting,
+            per_job,
+        ))
+    }
+
+    /// Sends a deferred job round `tier`, following its conversation's chain, and acks it.
+    /// False if the republish did not go out: the caller gives it back to its lane (it stays
+    /// in the chain, so nothing younger overtakes it).
+    pub async fn park_deferred(&self, work: &Work, tier: usize) -> bool {
+        let Ok(job) = &work.job else { return false };
+        if work.session.alive.is_cancelled() {
+            return false;
+        }
+        let trail = Trail {
+            chain: Some(work.seq),
+            first_seen_ms: Some(self.first_seen_ms(work)),
+            ..work.trail
+        };
+        let extra = trail.headers(&work.delivery.data, &self.trail_key);
+        let properties = self.outgoing(work, extra);
+        let queue = &self.topology.tiers[tier];
+        // Durable before the copy exists: a copy whose membership a crash lost would come back
+        // after younger jobs were sent.
+        self.chains_durable().await;
+        if !self.republish(work, queue, properties).await {
+            return false;
+        }
+        self.ack(work);
+        self.chains.done(job.id);
+        self.metrics
+            .jobs_deferred
+            .with_label_values(&[job.kind().as_str()])
+            .inc();
+        debug!(id = %job.id, queue, "deferred: its conversation holds its share of the prefetch");
+        true
+    }
+
+    async fn process_inner(&self, work: &Work, keyless: Option<OwnedSemaphorePermit>) -> Outcome {
+        let attempts = u64::from(work.trail.attempts);
+        let job = match &work.job {
+            Ok(job) => job,
+            Err(invalid) => {
+                return self
+                    .dead_letter(
+                        work,
+                        DeadReason::Invalid,
+                        &invalid.to_string(),
+                        None,
+                        attempts,
+                    )
+                    .await;
+            }
+        };
+        match self.lookup(job).await {
+            Some(Some(record)) => self.already_delivered(work, job, record).await,
+            Some(None) if job.is_expired(time::OffsetDateTime::now_utc()) => {
+                self.dead_letter(
+                    work,
+                    DeadReason::Expired,
+                    "expires_at passed before delivery",
+                    None,
+                    attempts,
+                )
+                .await
+            }
+            Some(None) => {
+                match self.chains.route(
+                    &job.conversation_id,
+                    job.id,
+                    work.seq,
+                    tokio::time::Instant::now(),
+                ) {
+                    Route::Send => self.deliver(work, job, keyless).await,
+                    Route::Follow { seq, tier } => {
+                        let trail = Trail {
+                            chain: Some(seq),
+                            first_seen_ms: Some(self.first_seen_ms(work)),
+                            ..work.trail
+                        };
+                        self.park(work, job, tier, trail, None).await
+                    }
+                }
+            }
+            None => Outcome::HandedBack,
+        }
+    }
+
+    /// A job whose id the store knows: a redelivery of the same job is acked as a duplicate
+    /// (with its `delivered` receipt again); another job under a used id is dead-lettered
+    /// `conflict`, never acked as delivered. Records older than the digest count as the same job.
+    async fn already_delivered(&self, work: &Work, job: &Job, record: Delivered) -> Outcome {
+        if record.digest.as_ref().is_some_and(|d| *d != job.digest()) {
+            let detail = format!(
+                "id {} was delivered at {} as a different job ({} to another conversation or \
+                 with other content); this one was not sent",
+                job.id,
+                receipts::timestamp(record.delivered_at_ms),
+                record.kind,
+            );
+            return self
+                .dead_letter(
+                    work,
+                    DeadReason::Conflict,
+                    &detail,
+                    None,
+                    u64::from(work.trail.attempts),
+                )
+                .await;
+        }
+        self.metrics
+            .jobs_duplicate
+            .with_label_values(&[job.kind().as_str()])
+            .inc();
+        debug!(id = %job.id, "already delivered; acking the duplicate");
+        // Receipts are at-least-once: a crash may have lost the first one.
+        self.receipt(work, receipts::Outcome::Delivered, None, |r| {
+            r.blinger_message_id = record.blinger_id.clone();
+            r.blinger_status = record.blinger_status.clone();
+            r.attempts = record.attempts.into();
+        })
+        .await;
+        self.ack(work);
+        Outcome::Duplicate
+    }
+
+    /// The job's delivered record, if any; `None` if the store stayed unreadable until shutdown.
+    async fn lookup(&self, job: &Job) -> Option<Option<Delivered>> {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match self.store.get(&job.id) {
+                Ok(found) => {
+                    self.health.set_store_ok(true);
+                    return Some(found);
+                }
+                Err(e) => {
+                    self.health.set_store_ok(false);
+                    error!(error = %e, "store unreadable; holding jobs until it recovers");
+                }
+            }
+            if !self.sleep_unless(&self.abort, delay).await {
+                return None;
+            }
+            delay = (delay * 2).min(STORE_RETRY_CAP);
+        }
+    }
+
+    async fn deliver(
+        &self,
+        work: &Work,
+        job: &Job,
+        mut keyless: Option<OwnedSemaphorePermit>,
+    ) -> Outcome {
+        let kind = job.kind();
+        let mut trail = work.trail;
+        let mut round = self.policy.round(trail.retries);
+        let ticket = self.gate.ticket();
+        // Held while this job probes a pause; dropped (another job takes over) however it leaves.
+        let mut probe: Option<Probe<'_>> = None;
+        // The call of this job's last 403 (see `PauseGate::accepted_since`).
+        let mut refused_at: Option<u64> = None;
+        loop {
+            if probe.is_none() {
+                if self.gate.is_paused() {
+                    // The prober may need this permit to end the pause.
+                    keyless = None;
+                }
+                // A job held by a pause still expires on time (and leaves the gate).
+                let pass = tokio::select! {
+                    biased;
+                    pass = self.gate.admit(ticket, &self.stopping) => pass,
+                    _ = until_expiry(job) => Pass::Open,
+                };
+                match pass {
+                    Pass::Open => {}
+                    Pass::Probe(p) => probe = Some(p),
+                    Pass::Stopped => return Outcome::HandedBack,
+                }
+            }
+            if let Some(p) = &probe {
+                tokio::select! {
+                    biased;
+                    _ = self.stopping.cancelled() => return Outcome::HandedBack,
+                    _ = tokio::time::sleep(p.delay()) => {}
+                    _ = until_expiry(job) => {}
+                }
+                self.reload_token();
+            }
+            if job.is_expired(time::OffsetDateTime::now_utc()) {
+                return self
+                    .dead_letter(
+                        work,
+                        DeadReason::Expired,
+                        "expires_at passed while retrying",
+                        None,
+                        trail.attempts.into(),
+                    )
+                    .await;
+            }
+            // Taken before the rate limiter, so the call goes out at the rate the limiter allows.
+            if !job.kind().carries_uuid() && keyless.is_none() {
+                tokio::select! {
+                    biased;
+                    _ = self.abort.cancelled() => return Outcome::HandedBack,
+                    permit = self.keyless.clone().acquire_owned() => {
+                        keyless = Some(permit.expect("never closed"));
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.abort.cancelled() => return Outcome::HandedBack,
+                _ = self.limiter.acquire() => {}
+            }
+            trail.add_attempt();
+            let started = Instant::now();
+            let call = self.gate.begin_call();
+            let result = self.client.send(job).await;
+            self.metrics
+                .api_request_duration
+                .with_label_values(&[kind.endpoint()])
+                .observe(started.elapsed().as_secs_f64());
+            let status = match &result {
+                Ok(accepted) => accepted.http_status.to_string(),
+                Err(failure) => failure.status_label(),
+            };
+            self.metrics
+                .api_requests
+                .with_label_values(&[kind.endpoint(), &status])
+                .inc();
+
+            let failure = match result {
+                Ok(accepted) => {
+                    self.gate.record_accepted(call);
+                    if self.gate.resume() {
+                        info!("Blinger accepts the API token again; resuming");
+                    }
+                    drop(probe);
+                    return self
+                        .record_and_ack(work, job, accepted, trail.attempts, keyless.take())
+                        .await;
+                }
+                Err(failure) => failure,
+            };
+            // Not accepted: nothing to record, and a backoff must not hold the permit.
+            keyless = None;
+            if failure.class != Class::Auth && failure.status.is_some() {
+                // An answer that is not 401/403: the token works. The probe steps down and the
+                // job goes on with its own retry round.
+                if self.gate.resume() {
+                    info!("Blinger accepts the API token again; resuming");
+                }
+                probe = None;
+            }
+            match failure.class {
+                Class::Auth => {
+                    // A 403 again, after other jobs were accepted since this job's last one: the
+                    // token works, this job is forbidden (a conversation of another account).
+                    if failure.status == Some(403) {
+                        if refused_at.is_some_and(|at| self.gate.accepted_since(at)) {
+                            drop(probe);
+                            return self
+                                .dead_letter(
+                                    work,
+                                    DeadReason::Rejected,
+                                    &format!(
+                                        "{} (403 for this job while Blinger accepted other \
+                                         jobs: forbidden, not a token problem)",
+                                        failure.detail
+                                    ),
+                                    failure.status,
+                                    trail.attempts.into(),
+                                )
+                                .await;
+                        }
+                        refused_at = Some(call);
+                    }
+                    if self.gate.pause() {
+                        error!(
+                            status = failure.status,
+                            "Blinger refused the API token; pausing: jobs stay queued, \
+                             /readyz is false, probing until it works (check BLINGER_API_TOKEN / \
+                             BLINGER_API_TOKEN_FILE)"
+                        );
+                    }
+                    // Refused again: another held job (another conversation) probes next.
+                    if let Some(p) = probe.take() {
+                        p.rotate();
+                    }
+                }
+                Class::Permanent => {
+                    return self
+                        .dead_letter(
+                            work,
+                            DeadReason::Rejected,
+                            &failure.detail,
+                            failure.status,
+                            trail.attempts.into(),
+                        )
+                        .await;
+                }
+                Class::Transient => {
+                    if failure.status == Some(429) {
+                        self.metrics.rate_limited.inc();
+                        self.limiter.throttle(failure.retry_after);
+                    }
+                    if probe.is_some() {
+                        // A probe without an answer says nothing about the token: keep probing.
+                        continue;
+                    }
+                    let next = match round.after_failure(failure.retry_after) {
+                        Next::Wait(delay) => {
+                            debug!(id = %job.id, attempts = trail.attempts, ?delay, error = %failure.detail, "transient failure; retrying");
+                            if self.sleep_unless(&self.stopping, delay).await {
+                                self.metrics
+                                    .jobs_retried
+                                    .with_label_values(&[kind.as_str()])
+                                    .inc();
+                                continue;
+                            }
+                            // Shutting down: park now rather than hand the job back.
+                            round.park(failure.retry_after)
+                        }
+                        other => other,
+                    };
+                    return match next {
+                        Next::Park { tier } => {
+                            self.metrics
+                                .jobs_retried
+                                .with_label_values(&[kind.as_str()])
+                                .inc();
+                            self.chains.parked(
+                                &job.conversation_id,
+                                job.id,
+                                work.seq,
+                                tier,
+                                tokio::time::Instant::now(),
+                            );
+                            let trail = Trail {
+                                retries: trail.retries.saturating_add(1),
+                                chain: Some(work.seq),
+                                first_seen_ms: Some(self.first_seen_ms(work)),
+                                ..trail
+                            };
+                            self.park(work, job, tier, trail, Some(&failure)).await
+                        }
+                        Next::GiveUp | Next::Wait(_) => {
+                            self.dead_letter(
+                                work,
+                                DeadReason::RetriesExhausted,
+                                &failure.detail,
+                                failure.status,
+                                trail.attempts.into(),
+                            )
+                            .await
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    fn reload_token(&self) {
+        match self.token.load() {
+            Ok(token) => {
+                if let Err(e) = self.client.set_token(&token) {
+                    warn!(error = %e, "cannot use the reloaded API token");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot reload the API token"),
+        }
+    }
+
+    async fn record_and_ack(
+        &self,
+        work: &Work,
+        job: &Job,
+        accepted: Accepted,
+        attempts: u32,
+        keyless: Option<OwnedSemaphorePermit>,
+    ) -> Outcome {
+        let record = Delivered {
+            delivered_at_ms: now_ms(),
+            kind: job.kind().as_str().to_owned(),
+            blinger_id: accepted.blinger_id.clone(),
+            blinger_status: accepted.blinger_status.clone(),
+            attempts,
+            digest: Some(job.digest()),
+        };
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let started = Instant::now();
+            match self.store.record(&job.id, &record).await {
+                Ok(()) => {
+                    self.metrics
+                        .store_flush_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    self.health.set_store_ok(true);
+                    // A crash can no longer repeat the call: the next keyless one may go.
+                    drop(keyless);
+                    break;
+                }
+                Err(e) => {
+                    // Blinger has the job but we cannot prove it after a crash: never ack
+                    // without the record. Hold the job and retry; readiness reports the store.
+                    self.health.set_store_ok(false);
+                    error!(id = %job.id, error = %e, "cannot record a delivery; holding its ack until the store recovers");
+                    if !self.sleep_unless(&self.abort, delay).await {
+                        return Outcome::HandedBack;
+                    }
+                    delay = (delay * 2).min(STORE_RETRY_CAP);
+                }
+            }
+        }
+        self.receipt(work, receipts::Outcome::Delivered, None, |r| {
+            r.blinger_message_id = record.blinger_id.clone();
+            r.blinger_status = record.blinger_status.clone();
+            r.http_status = Some(accepted.http_status);
+            r.attempts = attempts.into();
+        })
+        .await;
+        self.ack(work);
+        let kind = job.kind().as_str();
+        self.metrics.jobs_delivered.with_label_values(&[kind]).inc();
+        self.metrics
+            .delivery_latency
+            .with_label_values(&[kind])
+            .observe(self.latency(work).as_secs_f64());
+        debug!(id = %job.id, kind, attempts, "delivered");
+        Outcome::Delivered
+    }
+
+    /// Republishes the job to delay tier `tier` with its sealed `trail`, and acks it. `failure`
+    /// is `None` for a job that only follows older jobs of its conversation (its counters are
+    /// unchanged then).
+    async fn park(
+        &self,
+        work: &Work,
+        job: &Job,
+        tier: usize,
+        trail: Trail,
+        failure: Option<&Failure>,
+    ) -> Outcome {
+        let mut extra = trail.headers(&work.delivery.data, &self.trail_key);
+        if let Some(failure) = failure {
+            extra.push((
+                headers::ERROR,
+                broker::string_value(&truncate(&failure.detail)),
+            ));
+            if let Some(status) = failure.status {
+                extra.push((headers::STATUS, AMQPValue::LongInt(status.into())));
+            }
+        }
+        let queue = &self.topology.tiers[tier];
+        let properties = self.outgoing(work, extra);
+        // Durable before the copy exists (see `park_deferred`).
+        self.chains_durable().await;
+        if !self.republish(work, queue, properties).await {
+            // It stays in the chain, handed back, until it is redelivered (`settle`).
+            return self.hand_back(work).await;
+        }
+        self.ack(work);
+        if failure.is_some() {
+            info!(id = %job.id, queue, "parked in a delay tier");
+        } else {
+            debug!(id = %job.id, queue, "following older jobs of its conversation");
+        }
+        Outcome::Parked
+    }
+
+    /// The properties of a republish of `work`: the allowlist, and the worker's `own` headers.
+    fn outgoing(&self, work: &Work, own: Vec<(&'static str, AMQPValue)>) -> lapin::BasicProperties {
+        outgoing::outgoing(&work.delivery.properties, own, work.session.header_budget)
+    }
+
+    async fn dead_letter(
+        &self,
+        work: &Work,
+        reason: DeadReason,
+        error_text: &str,
+        status: Option<u16>,
+        attempts: u64,
+    ) -> Outcome {
+        let mut extra = vec![
+            (headers::REASON, broker::string_value(reason.as_str())),
+            (headers::ERROR, broker::string_value(&truncate(error_text))),
+            (headers::ATTEMPTS, AMQPValue::LongLongInt(attempts as i64)),
+        ];
+        if let Some(status) = status {
+            extra.push((headers::STATUS, AMQPValue::LongInt(status.into())));
+        }
+        if work.trail.retries > 0 {
+            extra.push((
+                headers::RETRIES,
+                AMQPValue::LongLongInt(work.trail.retries.into()),
+            ));
+        }
+        if let Some(first_seen) = work.trail.first_seen_ms {
+            extra.push((
+                headers::FIRST_SEEN,
+                AMQPValue::LongLongInt(first_seen as i64),
+            ));
+        }
+        let properties = self.outgoing(work, extra);
+        let queue = self.topology.dead_letter_queue.clone();
+        if !self.republish(work, &queue, properties).await {
+            return self.hand_back(work).await;
+        }
+        self.receipt(work, receipts::Outcome::DeadLettered, Some(reason), |r| {
+            r.http_status = status;
+            r.attempts = attempts;
+        })
+        .await;
+        self.ack(work);
+        let kind = kind_label(work.kind());
+        self.metrics
+            .jobs_dead_lettered
+            .with_label_values(&[kind, reason.as_str()])
+            .inc();
+        let id = work
+            .job
+            .as_ref()
+            .map(|j| j.id.to_string())
+            .unwrap_or_default();
+        warn!(id, kind, reason = reason.as_str(), error = %truncate(error_text), "dead-lettered");
+        Outcome::DeadLettered(reason)
+    }
+
+    /// Publishes a copy of the delivery to `queue` and waits for its confirm, trying three
+    /// times. False if it did not go out (the caller hands the delivery back).
+    async fn republish(
+        &self,
+        work: &Work,
+        queue: &str,
+        properties: lapin::BasicProperties,
+    ) -> bool {
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=3 {
+            if work.session.alive.is_cancelled() {
+                return false;
+            }
+            let published =
+                work.session
+                    .republisher
+                    .publish(queue, &work.delivery.data, properties.clone());
+            match on_session(work, published).await {
+                Some(Ok(())) => return true,
+                Some(Err(e)) => warn!(queue, attempt, error = %e, "republish failed"),
+                None => warn!(queue, attempt, "republish not confirmed"),
+            }
+            if attempt < 3 && !self.sleep_unless(&self.abort, delay).await {
+                return false;
+            }
+            delay *= 4;
+        }
+        false
+    }
+
+    /// Gives the delivery back to the broker now (nack with requeue), so it is not held until
+    /// the session ends.
+    async fn hand_back(&self, work: &Work) -> Outcome {
+        let nack = work.delivery.acker.nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        });
+        if let Some(Ok(_)) = on_session(work, nack).await {
+            // Only once the nack is on the wire may a batched ack pass this tag.
+            work.session.acks.forget(work.delivery.delivery_tag);
+        }
+        Outcome::HandedBack
+    }
+
+    /// Publishes the job's receipt, when receipts are on. Never fails the job.
+    async fn receipt(
+        &self,
+        work: &Work,
+        outcome: receipts::Outcome,
+        reason: Option<DeadReason>,
+        fill: impl FnOnce(&mut Receipt),
+    ) {
+        let Some(exchange) = &self.receipts else {
+            return;
+        };
+        let job = work.job.as_ref().ok();
+        let mut receipt = Receipt {
+            id: job.map(|j| j.id.to_string()),
+            kind: kind_label(work.kind()).to_owned(),
+            conversation_id: job.map(|j| j.conversation_id.clone()),
+            outcome,
+            reason: reason.map(DeadReason::as_str),
+            blinger_message_id: None,
+            blinger_status: None,
+            http_status: None,
+            attempts: 0,
+            received_at: receipts::timestamp(self.first_seen_ms(work)),
+            finished_at: receipts::timestamp(now_ms()),
+        };
+        fill(&mut receipt);
+        let published = receipts::publish(&work.session.publish, exchange, &receipt);
+        match on_session(work, published).await {
+            Some(Ok(())) => {}
+            failed => {
+                self.metrics.receipts_failed.inc();
+                warn!(id = ?receipt.id, outcome = ?failed.map(|r| r.err().map(|e| e.to_string())), "receipt not published");
+            }
+        }
+    }
+
+    /// Hands the delivery to its session's ack batcher (sent within milliseconds). If the
+    /// session is lost first, the broker redelivers and the store makes that a duplicate.
+    fn ack(&self, work: &Work) {
+        work.session.acks.done(work.delivery.delivery_tag);
+    }
+
+    fn first_seen_ms(&self, work: &Work) -> u64 {
+        work.trail.first_seen_ms.unwrap_or(work.received_ms)
+    }
+
+    /// From the AMQP timestamp (seconds, or milliseconds if the publisher wrote those), else
+    /// from the first receipt.
+    fn latency(&self, work: &Work) -> Duration {
+        let now = now_ms();
+        let start_ms = broker::timestamp_ms(&work.delivery.properties)
+            .unwrap_or_else(|| self.first_seen_ms(work));
+        Duration::from_millis(now.saturating_sub(start_ms))
+    }
+
+    /// Sleeps, unless `stop` fires first (returns false then).
+    async fn sleep_unless(&self, stop: &CancellationToken, delay: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// The chains, kept in the store across restarts.
+fn chains(store: &Store, policy: &RetryPolicy) -> Chains {
+    struct InStore(Store);
+    impl crate::engine::order::Journal for InStore {
+        fn write(&self, conversation: &str, members: &[crate::engine::order::SavedMember]) {
+            self.0.write_chain(conversation, members);
+        }
+        fn know(&self, id: uuid::Uuid, known: Option<crate::engine::order::SavedKnown>) {
+            self.0.write_known(&id, known);
+        }
+    }
+    let restored = store
+        .chains()
+        .and_then(|chains| {
+            Ok(crate::engine::order::Restored {
+                chains,
+                known: store.known()?,
+            })
+        })
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the chains of the last run: jobs may overtake jobs out in the delay tiers");
+            crate::engine::order::Restored::default()
+        });
+    Chains::with_journal(
+        policy.tiers.clone(),
+        Box::new(InStore(store.clone())),
+        restored,
+    )
+}
+
+/// Longest wait between two attempts on a failing store: short, so work resumes soon after the
+/// disk has room again.
+const STORE_RETRY_CAP: Duration = Duration::from_secs(5);
+
+/// Longest wait for the broker to answer an ack, nack or publish.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a broker operation for a delivery, unless its session dies first or the broker does not
+/// answer in time. lapin does not always fail operations on a connection that died under them,
+/// and a stuck ack would stall the delivery's whole conversation.
+async fn on_session<T>(work: &Work, operation: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = work.session.alive.cancelled() => None,
+        result = tokio::time::timeout(BROKER_TIMEOUT, operation) => result.ok(),
+    }
+}
+
+/// Resolves when the job's `expires_at` passes; never for a job without one.
+async fn until_expiry(job: &Job) {
+    match job.expires_at {
+        Some(at) => {
+            let left = at - time::OffsetDateTime::now_utc();
+            tokio::time::sleep(left.try_into().unwrap_or(Duration::ZERO)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn truncate(s: &str) -> String {
+    match s.char_indices().nth(MAX_ERROR_CHARS) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_owned(),
+    }
+}

@@ -1,0 +1,138 @@
+//! Losing the broker and shutting down with work in flight.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use test_support::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn accepted_per_uuid(env: &TestEnv) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for r in env.sandbox.requests() {
+        if r.status == 200 {
+            *counts.entry(r.uuid.unwrap_or_default()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_broker_connection_is_recovered_without_loss_or_duplicates() {
+    let mut env = TestEnv::new("reconnect").await;
+    let proxy = TcpProxy::start(amqp_socket(&env.broker.url)).await;
+    env.base_args = vec!["--amqp-url".into(), via(&env.broker.url, proxy.addr)];
+    env.sandbox.update(|c| c.latency_ms = 20);
+    let worker = env.start_worker(&["--concurrency", "4"]).await;
+    for i in 0..60 {
+        env.publish(&text_job(&format!("c-{}", i % 7), "before"))
+            .await;
+    }
+    assert!(eventually(T, || worker.delivered("send-text") >= 10).await);
+    // The broker vanishes for a while: connections are cut and refused.
+    proxy.set_refusing(true);
+    proxy.cut();
+    assert!(eventually(T, || worker.metrics.amqp_connected.get() == 0).await);
+    assert_eq!(worker.get("/readyz").await.0, 503);
+    for i in 0..40 {
+        env.publish(&text_job(&format!("c-{}", i % 7), "during"))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let down_at = Instant::now();
+    proxy.set_refusing(false);
+    assert!(eventually(T, || worker.metrics.amqp_connected.get() == 1).await);
+    let recovered_in = down_at.elapsed();
+    assert!(
+        eventually(T, || worker.delivered("send-text") == 100).await,
+        "delivered {}",
+        worker.delivered("send-text")
+    );
+    let counts = accepted_per_uuid(&env);
+    assert_eq!(counts.len(), 100, "every job accepted");
+    assert!(counts.values().all(|&n| n == 1), "none accepted twice");
+    assert_eq!(worker.get("/readyz").await.0, 200);
+    eprintln!("reconnected {recovered_in:?} after the broker came back");
+    worker.stop().await;
+    assert_eq!(env.queue_len(&env.names.queue.clone()).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_jobs_already_received() {
+    let env = TestEnv::new("drain").await;
+    env.sandbox.update(|c| c.latency_ms = 100);
+    let worker = env
+        .start_worker(&["--concurrency", "16", "--shutdown-grace", "20s"])
+        .await;
+    let total = 200;
+    for i in 0..total {
+        env.publish(&text_job(&format!("c-{}", i % 50), &i.to_string()))
+            .await;
+    }
+    assert!(eventually(T, || worker.delivered("send-text") >= 16).await);
+    assert!(
+        worker.metrics.jobs_in_flight.get() > 0,
+        "work in flight at the signal"
+    );
+    let at_signal = worker.delivered("send-text");
+    let metrics = worker.metrics.clone();
+    worker.stop().await;
+    let delivered = metrics
+        .jobs_delivered
+        .with_label_values(&["send-text"])
+        .get();
+    assert!(delivered > at_signal, "jobs kept going after the signal");
+    let queued = env.queue_len(&env.names.queue.clone()).await as u64;
+    assert_eq!(delivered + queued, total, "nothing lost");
+    // Everything the broker had handed over (prefetch 200) was finished within the grace.
+    assert_eq!(queued, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_back_what_the_grace_period_cannot_finish() {
+    let env = TestEnv::new("handback").await;
+    env.sandbox.update(|c| c.latency_ms = 400);
+    let worker = env
+        .start_worker(&["--concurrency", "16", "--shutdown-grace", "1s"])
+        .await;
+    let total = 200;
+    for i in 0..total {
+        env.publish(&text_job(&format!("c-{}", i % 50), &i.to_string()))
+            .await;
+    }
+    assert!(eventually(T, || worker.delivered("send-text") >= 16).await);
+    let started = Instant::now();
+    worker.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1 + 5 + 2), "stopped in {took:?}");
+    let delivered_first = accepted_per_uuid(&env).len();
+    // The broker counts the handed-back jobs as ready once it has processed the channel's close:
+    // at once on RabbitMQ 3.10, a moment later on 4.0 (its quorum queue returns them through
+    // its log), so wait for the count to add up.
+    let mut queued = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        queued = env.queue_len(&env.names.queue.clone()).await as usize;
+        if delivered_first + queued >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(queued > 0, "some jobs were handed back");
+    assert_eq!(
+        delivered_first + queued,
+        total,
+        "nothing lost: delivered + handed back"
+    );
+    // A new worker takes the rest; nothing is sent twice.
+    env.sandbox.update(|c| c.latency_ms = 0);
+    let worker = env.start_worker(&[]).await;
+    assert!(eventually(T, || accepted_per_uuid(&env).len() == total).await);
+    let counts = accepted_per_uuid(&env);
+    assert!(counts.values().all(|&n| n == 1), "none accepted twice");
+    assert_eq!(env.sandbox.stats().duplicates, 0);
+    worker.stop().await;
+    env.cleanup().await;
+}

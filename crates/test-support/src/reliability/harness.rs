@@ -1,0 +1,730 @@
+//! One scenario's world and the worker as a real child process.
+//!
+//! A [`World`] owns uniquely named queues and exchanges on a broker (the shared one from
+//! `AMQP_URL`, or a private node), an in-process sandbox Blinger, a data directory and a
+//! publisher connection. [`WorkerProc`] is the `blinger-worker run` binary, configured only
+//! through its public environment variables, with its output captured to a log file.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use blinger_sandbox::{Sandbox, SandboxConfig};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use super::Ctx;
+
+/// The token the sandbox accepts in every world (scenarios about secrets use their own).
+pub const TOKEN: &str = "rel-token-6c1d9e";
+
+/// The integration tests' harness, for its broker: `AMQP_URL`, else a testcontainers RabbitMQ
+/// where Docker works, else a clear failure.
+use crate as common;
+
+/// The shared broker (the scenarios that stop a broker or add users run a private node).
+pub use common::{Broker as SharedBroker, broker as shared_broker};
+
+/// A free TCP port on 127.0.0.1 (bound and released: good enough for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Queue and exchange names unique to one run of one scenario (`t.<scenario>.<tag>`).
+pub use common::Names;
+
+/// A body to publish and the routing key to publish it with.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    /// Properties to publish with instead of the defaults (persistent JSON); the timestamp is
+    /// set either way.
+    pub properties: Option<BasicProperties>,
+}
+
+/// A dead-lettered message.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl DeadLetter {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+    /// The job id, when the body is JSON with a string `id`.
+    pub fn job_id(&self) -> Option<uuid::Uuid> {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        uuid::Uuid::parse_str(v.get("id")?.as_str()?).ok()
+    }
+}
+
+/// A publisher connection in confirm mode on one exchange.
+pub struct Publisher {
+    url: String,
+    exchange: String,
+    conn: Option<Connection>,
+    channel: Option<Channel>,
+    /// Publishes that had to be repeated because the broker went away mid-batch.
+    pub republished: u64,
+}
+
+impl Publisher {
+    pub fn new(url: &str, exchange: &str) -> Publisher {
+        Publisher {
+            url: url.to_owned(),
+            exchange: exchange.to_owned(),
+            conn: None,
+            channel: None,
+            republished: 0,
+        }
+    }
+
+    /// (Re)opens the publisher connection, retrying until `patience` runs out.
+    pub async fn reconnect(&mut self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        loop {
+            match Connection::connect(&self.url, ConnectionProperties::default()).await {
+                Ok(conn) => {
+                    let channel = conn.create_channel().await.expect("channel");
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .expect("confirm mode");
+                    self.conn = Some(conn);
+                    self.channel = Some(channel);
+                    return;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot reach RabbitMQ for the test publisher: {e}"),
+            }
+        }
+    }
+
+    fn channel(&self) -> &Channel {
+        self.channel.as_ref().expect("publisher connected")
+    }
+
+    /// Publishes like a publisher: persistent, JSON, timestamped, confirmed; many in flight.
+    /// If the broker goes away mid-batch, reconnects and republishes the unconfirmed rest
+    /// (at-least-once publishing, as a careful publisher does).
+    pub async fn publish(&mut self, msgs: &[Msg]) {
+        const WINDOW: usize = 256;
+        let mut start = 0;
+        while start < msgs.len() {
+            let end = (start + WINDOW).min(msgs.len());
+            match self.publish_window(&msgs[start..end]).await {
+                Ok(()) => start = end,
+                Err(e) => {
+                    self.republished += (end - start) as u64;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.reconnect(Duration::from_secs(180)).await;
+                }
+            }
+        }
+    }
+
+    async fn publish_window(&self, msgs: &[Msg]) -> Result<(), String> {
+        let channel = self.channel();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut confirms = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let props = m
+                .properties
+                .clone()
+                .unwrap_or_else(|| {
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                })
+                .with_timestamp(now);
+            let confirm = channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    m.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &m.body,
+                    props,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            confirms.push(confirm);
+        }
+        for c in confirms {
+            let confirmation = tokio::time::timeout(Duration::from_secs(30), c)
+                .await
+                .map_err(|_| "confirm timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            if !confirmation.is_ack() {
+                return Err("broker nacked a publish".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything one scenario runs against.
+pub struct World {
+    pub scenario: String,
+    pub amqp_url: String,
+    _shared: Option<SharedBroker>,
+    pub names: Names,
+    /// `BLINGER_WORKER_RETRY_DELAYS` of this world's workers.
+    pub delays: String,
+    pub sandbox: Sandbox,
+    pub data_dir: PathBuf,
+    _data_tmp: Option<tempfile::TempDir>,
+    pub log_dir: PathBuf,
+    pub metrics_port: u16,
+    pub publisher: Publisher,
+    workers_started: u32,
+    bin: PathBuf,
+}
+
+impl World {
+    /// A world on the shared broker.
+    pub async fn new(ctx: &Ctx, scenario: &str, delays: &str) -> World {
+        let shared = shared_broker().await;
+        let url = shared.url.clone();
+        World::on(ctx, scenario, delays, url, Some(shared)).await
+    }
+
+    /// A world on the broker at `amqp_url` (a private node).
+    pub async fn on(
+        ctx: &Ctx,
+        scenario: &str,
+        delays: &str,
+        amqp_url: String,
+        shared: Option<SharedBroker>,
+    ) -> World {
+        let sandbox = Sandbox::start(
+            "127.0.0.1:0".parse().unwrap(),
+            SandboxConfig {
+                seed: Some(ctx.seed),
+                ..SandboxConfig::with_token(TOKEN)
+            },
+            None,
+        )
+        .await
+        .expect("sandbox starts");
+        let names = Names::new(scenario);
+        let log_dir = ctx.out_dir.join(ctx.profile.as_str()).join(&names.queue);
+        std::fs::create_dir_all(&log_dir).expect("log directory");
+        let data_tmp = tempfile::tempdir().expect("data directory");
+        let amqp_url_copy = amqp_url.clone();
+        let exchange = names.exchange.clone();
+        let mut world = World {
+            scenario: scenario.to_owned(),
+            amqp_url,
+            _shared: shared,
+            names,
+            delays: delays.to_owned(),
+            sandbox,
+            data_dir: data_tmp.path().join("data"),
+            _data_tmp: Some(data_tmp),
+            log_dir,
+            metrics_port: free_port(),
+            publisher: Publisher::new(&amqp_url_copy, &exchange),
+            workers_started: 0,
+            bin: ctx.bin.clone(),
+        };
+        world.publisher.reconnect(Duration::from_secs(30)).await;
+        world
+    }
+
+    /// Publishes through the world's publisher (see [`Publisher::publish`]).
+    pub async fn publish(&mut self, msgs: &[Msg]) {
+        self.publisher.publish(msgs).await;
+    }
+
+    /// Another publisher on this world's exchange (for publishing from a task).
+    pub async fn new_publisher(&self) -> Publisher {
+        let mut p = Publisher::new(&self.amqp_url, &self.names.exchange);
+        p.reconnect(Duration::from_secs(30)).await;
+        p
+    }
+
+    /// A fresh channel for one inspection (a failed passive declare closes its channel).
+    async fn inspect_channel(&self) -> Channel {
+        self.publisher
+            .conn
+            .as_ref()
+            .expect("connected")
+            .create_channel()
+            .await
+            .expect("inspection channel")
+    }
+
+    /// The retry tier queue names of this world.
+    pub fn tier_queues(&self) -> Vec<String> {
+        self.delays
+            .split(',')
+            .map(|d| {
+                let d = humantime::parse_duration(d.trim()).expect("delay");
+                blinger_worker::engine::retry::tier_queue_name(&self.names.queue, d)
+            })
+            .collect()
+    }
+
+    /// Uses `dir` as the data directory instead of the temporary one (a tmpfs, say).
+    pub fn set_data_dir(&mut self, dir: PathBuf) {
+        self.data_dir = dir;
+    }
+
+    /// The environment of `blinger-worker run` for this world (before a scenario's overrides).
+    pub fn worker_env(&self) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            env.insert(k.to_owned(), v);
+        };
+        set("AMQP_URL", self.amqp_url.clone());
+        set("BLINGER_WORKER_EXCHANGE", self.names.exchange.clone());
+        set("BLINGER_WORKER_QUEUE", self.names.queue.clone());
+        set("BLINGER_WORKER_DEAD_LETTER_QUEUE", self.names.dead.clone());
+        set(
+            "BLINGER_WORKER_RECEIPTS_EXCHANGE",
+            self.names.events.clone(),
+        );
+        set("BLINGER_WORKER_RETRY_DELAYS", self.delays.clone());
+        set("BLINGER_API_URL", self.sandbox.base_url());
+        set("BLINGER_API_TOKEN", TOKEN.to_owned());
+        set(
+            "BLINGER_WORKER_DATA_DIR",
+            self.data_dir.display().to_string(),
+        );
+        set(
+            "BLINGER_WORKER_METRICS_ADDR",
+            format!("127.0.0.1:{}", self.metrics_port),
+        );
+        set("BLINGER_WORKER_LOG_LEVEL", "info".to_owned());
+        env
+    }
+
+    /// Starts a worker with this world's environment plus `overrides` (an empty value removes a
+    /// variable).
+    pub fn start_worker(&mut self, overrides: &[(&str, &str)]) -> WorkerProc {
+        let mut env = self.worker_env();
+        for (k, v) in overrides {
+            if v.is_empty() {
+                env.remove(*k);
+            } else {
+                env.insert((*k).to_owned(), (*v).to_owned());
+            }
+        }
+        self.workers_started += 1;
+        let log = self
+            .log_dir
+            .join(format!("worker-{:02}.log", self.workers_started));
+        WorkerProc::spawn(&self.bin, &env, log)
+    }
+
+    /// Declares the topology the way the worker does (so jobs can be published before it runs).
+    pub async fn declare(&self) {
+        let settings = self.settings();
+        let topology = blinger_worker::broker::Topology::new(&settings);
+        blinger_worker::broker::topology::declare(self.publisher.channel(), &settings, &topology)
+            .await
+            .expect("topology declared");
+    }
+
+    fn settings(&self) -> blinger_worker::config::AmqpSettings {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            amqp: blinger_worker::config::AmqpSettings,
+        }
+        Cli::try_parse_from([
+            "x",
+            "--amqp-url",
+            &self.amqp_url,
+            "--exchange",
+            &self.names.exchange,
+            "--queue",
+            &self.names.queue,
+            "--dead-letter-queue",
+            &self.names.dead,
+            "--receipts-exchange",
+            &self.names.events,
+            "--retry-delays",
+            &self.delays,
+        ])
+        .expect("settings")
+        .amqp
+    }
+
+    /// Messages ready in `queue` (unacked ones are not counted); `None` if it does not exist.
+    pub async fn ready(&self, queue: &str) -> Option<u32> {
+        let ch = self.inspect_channel().await;
+        let r = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()
+            .map(|q| q.message_count());
+        let _ = ch.close(200, "ok".into()).await;
+        r
+    }
+
+    /// Declares a classic queue outside the worker's topology (a target a hostile message may
+    /// try to reach); deleted by [`World::delete_queue`].
+    pub async fn declare_queue(&self, queue: &str) {
+        let ch = self.inspect_channel().await;
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue declared");
+        let _ = ch.close(200, "ok".into()).await;
+    }
+
+    pub async fn delete_queue(&self, queue: &str) {
+        let ch = self.inspect_channel().await;
+        let _ = ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = ch.close(200, "ok".into()).await;
+    }
+
+    /// Ready messages in the work queue and every delay tier.
+    pub async fn backlog(&self) -> u32 {
+        let mut total = self.ready(&self.names.queue).await.unwrap_or(0);
+        for q in self.tier_queues() {
+            total += self.ready(&q).await.unwrap_or(0);
+        }
+        total
+    }
+
+    /// Takes every message now in the dead-letter queue.
+    pub async fn take_dead_letters(&self) -> Vec<DeadLetter> {
+        self.take_all(&self.names.dead).await
+    }
+
+    /// Takes every message now ready in `queue` (acknowledged: they are gone).
+    pub async fn take_all(&self, queue: &str) -> Vec<DeadLetter> {
+        let ch = self.inspect_channel().await;
+        let mut out = Vec::new();
+        while let Ok(Some(msg)) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            let mut headers = BTreeMap::new();
+            if let Some(table) = msg.delivery.properties.headers() {
+                for (k, v) in table.inner() {
+                    let value = match v {
+                        AMQPValue::LongString(s) => {
+                            String::from_utf8_lossy(s.as_bytes()).into_owned()
+                        }
+                        AMQPValue::LongLongInt(i) => i.to_string(),
+                        AMQPValue::LongInt(i) => i.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    headers.insert(k.as_str().to_owned(), value);
+                }
+            }
+            out.push(DeadLetter {
+                body: msg.delivery.data.clone(),
+                headers,
+            });
+        }
+        let _ = ch.close(200, "ok".into()).await;
+        out
+    }
+
+    /// Opens the worker's store (the worker must have exited).
+    pub async fn open_store(&self) -> blinger_worker::store::Store {
+        let mut last = None;
+        for _ in 0..100 {
+            match blinger_worker::store::Store::open(&self.data_dir) {
+                Ok(store) => return store,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("store still locked: {last:?}");
+    }
+
+    /// Deletes this world's queues and exchanges and stops the sandbox.
+    pub async fn cleanup(mut self) {
+        if self
+            .publisher
+            .conn
+            .as_ref()
+            .is_none_or(|c| !c.status().connected())
+        {
+            self.publisher.reconnect(Duration::from_secs(10)).await;
+        }
+        let ch = self.inspect_channel().await;
+        let mut queues = vec![self.names.queue.clone(), self.names.dead.clone()];
+        queues.extend(self.tier_queues());
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [&self.names.exchange, &self.names.events] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), Default::default())
+                .await;
+        }
+        if let Some(conn) = self.publisher.conn.take() {
+            let _ = conn.close(200, "bye".into()).await;
+        }
+        self.sandbox.shutdown().await;
+    }
+}
+
+/// `blinger-worker run` as a child process.
+pub struct WorkerProc {
+    child: Child,
+    pub pid: u32,
+    pub metrics_addr: SocketAddr,
+    pub log: PathBuf,
+    pub started: Instant,
+    exit: Option<ExitStatus>,
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("http client")
+}
+
+impl WorkerProc {
+    pub fn spawn(bin: &Path, env: &BTreeMap<String, String>, log: PathBuf) -> WorkerProc {
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let metrics_addr = env
+            .get("BLINGER_WORKER_METRICS_ADDR")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| "127.0.0.1:9464".parse().unwrap());
+        let child = Command::new(bin)
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        WorkerProc {
+            pid: child.id(),
+            child,
+            metrics_addr,
+            log,
+            started: Instant::now(),
+            exit: None,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.pid.to_string()])
+            .status();
+    }
+
+    /// `kill -9`, reaped; returns the moment it was dead. Not the moment before: running `kill`
+    /// takes milliseconds, and a call the process made in them, lost with it, was charged to the
+    /// next instance (which then showed two lost keyless calls for one kill).
+    pub fn kill9(&mut self) -> SystemTime {
+        self.signal("-KILL");
+        self.exit = self.child.wait().ok();
+        SystemTime::now()
+    }
+
+    pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit {
+                return Some(status);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exit = Some(status);
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.exit.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `GET /readyz`: the status, or `None` when nothing answers.
+    pub async fn readyz(&self) -> Option<u16> {
+        http()
+            .get(format!("http://{}/readyz", self.metrics_addr))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    /// `GET /healthz`: the status, or `None` when nothing answers.
+    pub async fn healthz(&self) -> Option<u16> {
+        http()
+            .get(format!("http://{}/healthz", self.metrics_addr))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    pub async fn get_text(&self, path: &str) -> Option<String> {
+        let r = http()
+            .get(format!("http://{}{path}", self.metrics_addr))
+            .send()
+            .await
+            .ok()?;
+        r.text().await.ok()
+    }
+
+    pub async fn metrics(&self) -> Option<String> {
+        self.get_text("/metrics").await
+    }
+
+    /// Sum of the samples of `name` whose labels include every `labels` pair.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.metrics().await.map(|t| metric_sum(&t, name, labels))
+    }
+
+    /// Waits until `/readyz` answers 200; returns how long that took from now.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.readyz().await == Some(200) {
+                return Some(started.elapsed());
+            }
+            if !self.alive() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        None
+    }
+
+    /// SIGTERM, then wait for the exit; returns the status and how long it took.
+    pub async fn stop(&mut self, timeout: Duration) -> (Option<ExitStatus>, Duration) {
+        let started = Instant::now();
+        self.sigterm();
+        let status = self.wait(timeout).await;
+        (status, started.elapsed())
+    }
+
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        if self.exit.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            self.signal("-KILL");
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sum of the samples of metric `name` (exact name, before `{`) whose labels contain every pair.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        {
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes; returns the time it took.
+pub async fn until<F, Fut>(timeout: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() >= timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Accepted (HTTP 200) requests the sandbox recorded so far.
+pub fn accepted(sandbox: &Sandbox) -> usize {
+    let s = sandbox.stats();
+    s.by_status.get(&200).copied().unwrap_or(0) as usize
+}
+
+/// Distinct jobs of `ids` accepted at least once: text/file by uuid, assign-agent by agent id.
+pub fn distinct_ids(sandbox: &Sandbox) -> HashSet<String> {
+    sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 200)
+        .filter_map(|r| r.uuid.or(r.agent_id))
+        .collect()
+}
+
+/// Seconds with one decimal, for tables.
+pub fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}

@@ -1,0 +1,266 @@
+//! The ten scenarios of issue 3, the three of issue 11 (11 to 13), and what they share: following delivery progress, and
+//! concluding a run (dead-letter queue, store, analysis).
+
+pub mod blinger_down;
+pub mod broker_restart;
+pub mod chaos;
+pub mod crash;
+pub mod disk;
+pub mod forbidden_conversation;
+pub mod hostile;
+pub mod huge_conversation;
+pub mod path_injection;
+pub mod probe_expiry;
+pub mod secrets;
+pub mod shutdown;
+pub mod wrong_token;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use blinger_sandbox::{Endpoint, Sandbox};
+use blinger_worker::contract::job::Kind;
+use uuid::Uuid;
+
+use super::harness::{DeadLetter, World};
+use super::jobs::{Analysis, Plan};
+
+/// Which jobs must reach the sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// text/file uuids and assign-agent agent ids.
+    pub ids: HashSet<String>,
+    /// request-review jobs (their calls carry no id).
+    pub reviews: usize,
+}
+
+impl Expect {
+    pub fn of(plan: &Plan, except: &HashSet<Uuid>) -> Expect {
+        let mut e = Expect::default();
+        for j in plan.jobs.iter().filter(|j| !except.contains(&j.id)) {
+            match j.kind {
+                Kind::SendText | Kind::SendFile => {
+                    e.ids.insert(j.id.to_string());
+                }
+                Kind::AssignAgent => {
+                    e.ids.insert(format!("agent-{}", j.id));
+                }
+                Kind::RequestReview => e.reviews += 1,
+            }
+        }
+        e
+    }
+
+    pub fn total(&self) -> usize {
+        self.ids.len() + self.reviews
+    }
+}
+
+/// Follows the sandbox's records incrementally (cheap to poll during a 20,000-job run).
+#[derive(Debug, Default)]
+pub struct Progress {
+    last_seq: u64,
+    ids: HashSet<String>,
+    reviews: usize,
+    /// Accepted (200) requests seen, duplicates included.
+    pub accepted: usize,
+    /// All API requests seen.
+    pub requests: usize,
+    pub last_accept: Option<Instant>,
+}
+
+impl Progress {
+    pub fn poll(&mut self, sandbox: &Sandbox) {
+        for r in sandbox.requests_since(self.last_seq) {
+            self.last_seq = r.seq;
+            self.requests += 1;
+            if r.status != 200 {
+                continue;
+            }
+            self.accepted += 1;
+            self.last_accept = Some(Instant::now());
+            match r.endpoint {
+                Endpoint::RequestReview => self.reviews += 1,
+                Endpoint::AssignAgent => {
+                    if let Some(a) = r.agent_id {
+                        self.ids.insert(a);
+                    }
+                }
+                _ => {
+                    if let Some(u) = r.uuid {
+                        self.ids.insert(u);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Expected jobs seen accepted so far (request-reviews by count).
+    pub fn delivered(&self, expect: &Expect) -> usize {
+        expect.ids.iter().filter(|i| self.ids.contains(*i)).count()
+            + self.reviews.min(expect.reviews)
+    }
+
+    pub fn done(&self, expect: &Expect) -> bool {
+        self.delivered(expect) >= expect.total()
+    }
+
+    /// Polls until every expected job was accepted or `timeout` passes; time taken if done.
+    pub async fn wait_all(
+        &mut self,
+        sandbox: &Sandbox,
+        expect: &Expect,
+        timeout: Duration,
+    ) -> Option<Duration> {
+        let started = Instant::now();
+        loop {
+            self.poll(sandbox);
+            if self.done(expect) {
+                return Some(started.elapsed());
+            }
+            if started.elapsed() >= timeout {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `/healthz` and `blinger_worker_paused` sampled during a run, for what the scenario cannot
+/// ask the worker afterwards: did it ever say it was unhealthy, how long did a pause last.
+#[derive(Debug, Default)]
+pub struct Samples {
+    /// `/healthz` statuses (`None`: no answer).
+    pub healthz: Vec<Option<u16>>,
+    /// When, and whether the paused gauge was 1 (`None`: no answer).
+    pub paused: Vec<(Instant, Option<bool>)>,
+}
+
+impl Samples {
+    /// One sample of each.
+    pub async fn take(&mut self, worker: &super::harness::WorkerProc) {
+        self.healthz.push(worker.healthz().await);
+        let paused = worker
+            .metric("blinger_worker_paused", &[])
+            .await
+            .map(|v| v == 1.0);
+        self.paused.push((Instant::now(), paused));
+    }
+
+    /// `/healthz` samples that were not 200.
+    pub fn unhealthy(&self) -> usize {
+        self.healthz.iter().filter(|s| **s != Some(200)).count()
+    }
+
+    /// Each stretch of paused samples: from its first paused sample to the first sample after
+    /// it that was not paused (or the last sample, if the run ended paused).
+    pub fn paused_stretches(&self) -> Vec<Duration> {
+        let mut out = Vec::new();
+        let mut since: Option<Instant> = None;
+        for (at, paused) in &self.paused {
+            match (paused, since) {
+                (Some(true), None) => since = Some(*at),
+                (Some(false), Some(s)) => {
+                    out.push(at.duration_since(s));
+                    since = None;
+                }
+                _ => {}
+            }
+        }
+        if let (Some(s), Some((last, _))) = (since, self.paused.last()) {
+            out.push(last.duration_since(s));
+        }
+        out
+    }
+
+    /// The time between two samples: the resolution of the stretches.
+    pub fn mean_interval(&self) -> Duration {
+        match (self.paused.first(), self.paused.last()) {
+            (Some((a, _)), Some((b, _))) if self.paused.len() > 1 => {
+                b.duration_since(*a) / (self.paused.len() as u32 - 1)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// What a finished run left behind.
+pub struct Outcome {
+    pub analysis: Analysis,
+    pub dead: Vec<DeadLetter>,
+    /// Messages still ready in the work queue and the delay tiers.
+    pub backlog: u32,
+}
+
+/// After the last worker exited: takes the dead letters, reads the store, analyses the records.
+pub async fn conclude(world: &World, plan: &Plan, boundaries: &[SystemTime]) -> Outcome {
+    let backlog = world.backlog().await;
+    let dead = world.take_dead_letters().await;
+    let dead_ids: HashSet<Uuid> = dead.iter().filter_map(|d| d.job_id()).collect();
+    let store = world.open_store().await;
+    let records = world.sandbox.requests();
+    let analysis = Analysis::of(plan, &records, Some(&store), &dead_ids, boundaries);
+    let _ = store.close().await;
+    Outcome {
+        analysis,
+        dead,
+        backlog,
+    }
+}
+
+/// Dead letters by `x-blinger-reason`, as "N reason, ...", or "0".
+pub fn dead_summary(dead: &[DeadLetter]) -> String {
+    if dead.is_empty() {
+        return "0".into();
+    }
+    let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+    for d in dead {
+        let reason = match d.header("x-blinger-reason") {
+            "" if d.headers.contains_key("x-death") => "broker delivery limit (x-death)",
+            "" => "no reason header",
+            r => r,
+        };
+        *by.entry(reason.to_owned()).or_default() += 1;
+    }
+    by.iter()
+        .map(|(r, n)| format!("{n} {r}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Arrival time of a recorded request.
+pub fn arrival(ts: &str) -> Option<SystemTime> {
+    let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(t.unix_timestamp_nanos() as u64))
+}
+
+/// Mean and max of durations, "mean 1.2 s, max 3.4 s".
+pub fn mean_max(ds: &[Duration]) -> String {
+    if ds.is_empty() {
+        return "-".into();
+    }
+    let sum: Duration = ds.iter().sum();
+    let max = ds.iter().max().unwrap();
+    format!(
+        "mean {:.2} s, max {:.2} s",
+        sum.as_secs_f64() / ds.len() as f64,
+        max.as_secs_f64()
+    )
+}
+
+/// The largest number of requests whose arrival falls within any window of length `window`
+/// (sliding, not aligned to buckets), from the sandbox's arrival timestamps (millisecond
+/// resolution).
+pub fn max_in_window(records: &[blinger_sandbox::RecordedRequest], window: Duration) -> usize {
+    let mut at: Vec<SystemTime> = records.iter().filter_map(|r| arrival(&r.ts)).collect();
+    at.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..at.len() {
+        while at[end].duration_since(at[start]).unwrap_or_default() >= window {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
