@@ -59,18 +59,53 @@ pub struct Delivered {
     pub digest: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// What went wrong with the store, with its cause. Clone: one failed batch answers every job
+/// that waited on it, and a broken store answers every caller with why it broke (sled's errors
+/// are not Clone, so they are shared).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store at {path}: {source}")]
-    Open { path: String, source: sled::Error },
+    Open {
+        path: String,
+        source: Arc<sled::Error>,
+    },
+    /// Another process (a running worker) holds the store's directory lock.
+    #[error("store at {path} is locked by another process")]
+    Locked { path: String },
     #[error("store I/O: {0}")]
-    Io(#[from] sled::Error),
+    Io(Arc<sled::Error>),
     #[error("store record is corrupt: {0}")]
-    Corrupt(#[from] serde_json::Error),
+    Corrupt(Arc<serde_json::Error>),
     #[error("store is closed")]
     Closed,
+    /// The writer thread is gone (it panicked): nothing can be written any more.
+    #[error("store writer stopped: {0}")]
+    Writer(Arc<tokio::task::JoinError>),
+    /// A write failed earlier and the store is being reopened; `0` is that failure.
     #[error("store unavailable after a failed write (reopening): {0}")]
-    Unavailable(String),
+    Unavailable(Box<StoreError>),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(Arc::new(e))
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Corrupt(Arc::new(e))
+    }
+}
+
+impl StoreError {
+    /// `Open` for an I/O error met while opening the store at `dir`.
+    pub fn opening(dir: &Path, source: std::io::Error) -> StoreError {
+        StoreError::Open {
+            path: dir.display().to_string(),
+            source: Arc::new(sled::Error::Io(source)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -81,7 +116,7 @@ pub struct StoreStats {
 
 /// Answered by the writer thread: the generation of the database it wrote and flushed, or why it
 /// failed.
-type FlushWaiter = oneshot::Sender<Result<u64, String>>;
+type FlushWaiter = oneshot::Sender<Result<u64, StoreError>>;
 
 /// What the writer thread is asked to do.
 enum Request {
@@ -155,9 +190,23 @@ struct Shared {
     /// A write failed: sled refuses writes until reopened.
     broken: AtomicBool,
     /// Why it broke (for errors while it stays broken).
-    why: Mutex<String>,
+    why: Mutex<Option<StoreError>>,
     reopening: Mutex<Option<Instant>>,
     generations: AtomicU64,
+}
+
+/// Whether another process holds the lock sled takes on `dir/db` (an exclusive `flock`). Asked
+/// before sled opens, because sled reports a held lock only as the text of an I/O error. The
+/// probe's lock is released at once, when its file closes; a process that takes the lock in
+/// between gets sled's own error.
+fn locked_by_another_process(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::OpenOptions::new().read(true).open(dir.join("db")) else {
+        return false;
+    };
+    // SAFETY: flock on a file descriptor this function owns, for the lifetime of `file`.
+    let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    taken != 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
 }
 
 fn sled_open(dir: &Path) -> sled::Result<sled::Db> {
@@ -197,8 +246,13 @@ fn remove_incomplete_snapshots(dir: &Path) -> usize {
 fn open_handles(dir: &Path, generation: u64) -> Result<Handles, StoreError> {
     let open_err = |source| StoreError::Open {
         path: dir.display().to_string(),
-        source,
+        source: Arc::new(source),
     };
+    if locked_by_another_process(dir) {
+        return Err(StoreError::Locked {
+            path: dir.display().to_string(),
+        });
+    }
     let db = match sled_open(dir) {
         // sled reports `Corruption` only after it took the directory's lock: nobody else is
         // writing a snapshot here.
@@ -245,13 +299,14 @@ impl Shared {
             .ok_or(StoreError::Closed)
     }
 
-    fn mark_broken(&self, why: &str) {
-        *self.why.lock().expect("store lock") = why.to_owned();
+    fn mark_broken(&self, why: StoreError) {
+        *self.why.lock().expect("store lock") = Some(why);
         self.broken.store(true, Ordering::SeqCst);
     }
 
     fn unavailable(&self) -> StoreError {
-        StoreError::Unavailable(self.why.lock().expect("store lock").clone())
+        let why = self.why.lock().expect("store lock").clone();
+        StoreError::Unavailable(Box::new(why.unwrap_or(StoreError::Closed)))
     }
 
     fn reopen(&self) -> Result<(), StoreError> {
@@ -284,9 +339,8 @@ impl Shared {
             }
         }
         let handles = result.map_err(|e| {
-            let why = format!("reopening failed: {e}");
-            *self.why.lock().expect("store lock") = why.clone();
-            StoreError::Unavailable(why)
+            *self.why.lock().expect("store lock") = Some(e.clone());
+            StoreError::Unavailable(Box::new(e))
         })?;
         *self.current.write().expect("store lock") = Some(Arc::new(handles));
         self.broken.store(false, Ordering::SeqCst);
@@ -303,7 +357,7 @@ impl Store {
             dir: dir.to_owned(),
             current: RwLock::new(Some(Arc::new(handles))),
             broken: AtomicBool::new(false),
-            why: Mutex::new(String::new()),
+            why: Mutex::new(None),
             reopening: Mutex::new(None),
             generations: AtomicU64::new(0),
         });
@@ -312,10 +366,7 @@ impl Store {
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer(&for_writer, rx))
-            .map_err(|e| StoreError::Open {
-                path: dir.display().to_string(),
-                source: sled::Error::Io(e),
-            })?;
+            .map_err(|e| StoreError::opening(dir, e))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 shared,
@@ -541,7 +592,7 @@ impl Store {
                     result
                 })
                 .await
-                .map_err(|e| StoreError::Io(sled::Error::Io(std::io::Error::other(e))))??;
+                .map_err(|e| StoreError::Writer(Arc::new(e)))??;
                 Ok(())
             }
             // Someone still holds a handle; everything written is durable all the same.
@@ -553,8 +604,9 @@ impl Store {
     pub async fn check_writable(&self) -> Result<(), StoreError> {
         let h = self.handles()?;
         if let Err(e) = h.db.insert("health", &now_ms().to_be_bytes()) {
-            self.inner.shared.mark_broken(&e.to_string());
-            return Err(e.into());
+            let e = StoreError::from(e);
+            self.inner.shared.mark_broken(e.clone());
+            return Err(e);
         }
         let generation = h.generation;
         drop(h);
@@ -569,14 +621,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn wait(answer: oneshot::Receiver<Result<u64, String>>) -> Result<u64, StoreError> {
-    match answer.await {
-        Ok(Ok(generation)) => Ok(generation),
-        Ok(Err(message)) => Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
-            message,
-        )))),
-        Err(_) => Err(StoreError::Closed),
-    }
+async fn wait(answer: oneshot::Receiver<Result<u64, StoreError>>) -> Result<u64, StoreError> {
+    answer.await.unwrap_or(Err(StoreError::Closed))
 }
 
 /// The group commit, on its own thread: take every request queued so far, insert their records
@@ -598,14 +644,15 @@ fn writer(shared: &Shared, mut requests: mpsc::UnboundedReceiver<Request>) {
     }
 }
 
-fn write_batch(shared: &Shared, batch: &[Request]) -> Result<u64, String> {
-    let h = shared.handles().map_err(|e| e.to_string())?;
+fn write_batch(shared: &Shared, batch: &[Request]) -> Result<u64, StoreError> {
+    let h = shared.handles()?;
     let written = insert_batch(&h, batch).and_then(|()| h.db.flush().map(drop));
     match written {
         Ok(()) => Ok(h.generation),
         Err(e) => {
-            shared.mark_broken(&e.to_string());
-            Err(e.to_string())
+            let e = StoreError::from(e);
+            shared.mark_broken(e.clone());
+            Err(e)
         }
     }
 }
@@ -671,6 +718,13 @@ fn batch_key(newest_ms: u64, unique: u64) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a failed flush on a full disk looks like.
+    fn simulated() -> StoreError {
+        StoreError::from(sled::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::StorageFull,
+        )))
+    }
 
     fn record(at: u64) -> Delivered {
         Delivered {
@@ -745,12 +799,16 @@ mod tests {
         let before = Uuid::new_v4();
         store.record(&before, &record(now_ms())).await.unwrap();
         // What a failed flush (a full disk) does: sled refuses writes until reopened.
-        store.inner.shared.mark_broken("simulated failure");
+        store.inner.shared.mark_broken(simulated());
         // A lookup answers an error at once (it never reopens on the caller's thread) and asks
         // the writer thread to reopen.
         assert!(matches!(
             store.get(&before),
-            Err(StoreError::Unavailable(why)) if why.contains("simulated")
+            Err(StoreError::Unavailable(why)) if matches!(
+                *why,
+                StoreError::Io(ref e)
+                    if matches!(**e, sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::StorageFull)
+            )
         ));
         let deadline = Instant::now() + Duration::from_secs(5);
         while store.get(&before).is_err() {
@@ -763,7 +821,7 @@ mod tests {
         let after = Uuid::new_v4();
         store.record(&after, &record(now_ms())).await.unwrap();
         // While broken and within a second of the last attempt, writes answer errors too.
-        store.inner.shared.mark_broken("simulated failure");
+        store.inner.shared.mark_broken(simulated());
         *store.inner.shared.reopening.lock().unwrap() = Some(Instant::now());
         assert!(
             store

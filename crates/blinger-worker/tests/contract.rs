@@ -27,7 +27,7 @@ use std::path::Path;
 
 use blinger_worker::broker::headers;
 use blinger_worker::contract::job::{self, Kind, Problem};
-use blinger_worker::runtime::telemetry::DeadReason;
+use blinger_worker::contract::reason::DeadReason;
 use jsonschema::Validator;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;

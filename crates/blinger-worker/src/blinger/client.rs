@@ -80,7 +80,7 @@ pub enum ClientError {
     #[error("the Blinger API token is not a valid HTTP header value")]
     BadToken,
     #[error("building the HTTP client: {0}")]
-    Build(String),
+    Build(#[source] reqwest::Error),
 }
 
 impl Client {
@@ -97,7 +97,7 @@ impl Client {
             .pool_max_idle_per_host(usize::MAX)
             .user_agent(concat!("blinger-worker/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ClientError::Build(e.to_string()))?;
+            .map_err(ClientError::Build)?;
         Ok(Client {
             http,
             prefix: format!("{}/conversation/", base.as_str().trim_end_matches('/')),

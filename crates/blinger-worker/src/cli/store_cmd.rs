@@ -103,19 +103,33 @@ pub enum StoreCmdError {
          Stop it, or run the command on a copy of the directory"
     )]
     Locked(String),
-    #[error("{0}")]
-    Store(String),
+    #[error(transparent)]
+    Store(StoreError),
     #[error("{0:?} is not a UUID")]
     BadId(String),
     #[error("not delivered: no record of {0} (never delivered, or pruned after the retention)")]
     NotDelivered(Uuid),
     #[error("writing output: {0}")]
     Output(std::io::Error),
+    /// The running worker's ops port, asked instead of the locked store, did not answer usably.
+    #[error("the running worker at {host}: {problem}")]
+    Worker { host: String, problem: WorkerAnswer },
+}
+
+/// What went wrong asking the running worker's ops port.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerAnswer {
+    #[error("reading its answer: {0}")]
+    Read(reqwest::Error),
+    #[error("its record is not readable: {0}")]
+    Record(serde_json::Error),
+    #[error("it answered {status}: {body}")]
+    Status { status: u16, body: String },
 }
 
 impl From<StoreError> for StoreCmdError {
     fn from(e: StoreError) -> Self {
-        StoreCmdError::Store(e.to_string())
+        StoreCmdError::Store(e)
     }
 }
 
@@ -204,15 +218,15 @@ async fn ask_running_worker(args: &StoreArgs, dir: String) -> Result<(), StoreCm
     let body = answer
         .text()
         .await
-        .map_err(|e| StoreCmdError::Store(e.to_string()))?;
+        .map_err(|e| worker_error(&host, WorkerAnswer::Read(e)))?;
     match (&args.command, status.as_u16()) {
         (StoreCommand::Get { id }, 404) => Err(StoreCmdError::NotDelivered(
             Uuid::try_parse(id.trim()).map_err(|_| StoreCmdError::BadId(id.clone()))?,
         )),
         (StoreCommand::Get { id }, 200) => {
             let id = Uuid::try_parse(id.trim()).map_err(|_| StoreCmdError::BadId(id.clone()))?;
-            let record: Delivered =
-                serde_json::from_str(&body).map_err(|e| StoreCmdError::Store(e.to_string()))?;
+            let record: Delivered = serde_json::from_str(&body)
+                .map_err(|e| worker_error(&host, WorkerAnswer::Record(e)))?;
             print_json(&RecordView {
                 id,
                 delivered_at: rfc3339_ms(record.delivered_at_ms),
@@ -220,10 +234,20 @@ async fn ask_running_worker(args: &StoreArgs, dir: String) -> Result<(), StoreCm
             })
         }
         (StoreCommand::Stats { .. }, 200) => print_text(&format!("{}\n", escape_json(&body))),
-        (_, code) => Err(StoreCmdError::Store(format!(
-            "the running worker at {host} answered {code}: {}",
-            clip(body.trim(), 200)
-        ))),
+        (_, code) => Err(worker_error(
+            &host,
+            WorkerAnswer::Status {
+                status: code,
+                body: clip(body.trim(), 200),
+            },
+        )),
+    }
+}
+
+fn worker_error(host: &str, problem: WorkerAnswer) -> StoreCmdError {
+    StoreCmdError::Worker {
+        host: host.to_owned(),
+        problem,
     }
 }
 
@@ -232,13 +256,9 @@ pub fn open_existing(dir: &Path) -> Result<Store, StoreCmdError> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
         return Err(StoreCmdError::Missing(dir.display().to_string()));
     }
-    Store::open(dir).map_err(|e| {
-        let text = e.to_string();
-        if text.contains("could not acquire lock") || text.contains("WouldBlock") {
-            StoreCmdError::Locked(dir.display().to_string())
-        } else {
-            StoreCmdError::Store(text)
-        }
+    Store::open(dir).map_err(|e| match e {
+        StoreError::Locked { .. } => StoreCmdError::Locked(dir.display().to_string()),
+        other => StoreCmdError::Store(other),
     })
 }
 

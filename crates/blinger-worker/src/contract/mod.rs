@@ -3,6 +3,7 @@
 //! publishes ([`receipts`]). Other services rely on these shapes: extend them, never change them.
 
 pub mod job;
+pub mod reason;
 pub mod receipts;
 pub mod trail;
 

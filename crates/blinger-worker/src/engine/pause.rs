@@ -28,11 +28,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::retry::Backoff;
 use crate::runtime::telemetry::Health;
 
 /// First wait of a probe after a pause; doubled after every refused probe, up to [`MAX_DELAY`].
 const FIRST_DELAY: Duration = Duration::from_secs(1);
 const MAX_DELAY: Duration = Duration::from_secs(60);
+const PROBE_WAIT: Backoff = Backoff::new(FIRST_DELAY, MAX_DELAY);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct State {
@@ -43,8 +45,8 @@ struct State {
     waiting: usize,
     /// The job that stepped down last: it takes the probe again only if nobody else waits.
     rotated_from: Option<u64>,
-    /// Wait before the next probe.
-    next_delay: Duration,
+    /// Wait before the next probe: [`FIRST_DELAY`], longer after every refused probe.
+    probe_wait: Backoff,
     /// Since when the gate is paused with jobs waiting and no probe (should never last).
     unprobed_since: Option<Instant>,
 }
@@ -89,7 +91,7 @@ impl PauseGate {
                 probe: None,
                 waiting: 0,
                 rotated_from: None,
-                next_delay: FIRST_DELAY,
+                probe_wait: PROBE_WAIT,
                 unprobed_since: None,
             }),
             tickets: AtomicU64::new(1),
@@ -115,7 +117,7 @@ impl PauseGate {
                 return false;
             }
             s.paused = true;
-            s.next_delay = FIRST_DELAY;
+            s.probe_wait.reset();
             s.rotated_from = None;
             s.refresh(Instant::now());
             true
@@ -183,7 +185,7 @@ impl PauseGate {
                     s.probe = Some(ticket.0);
                     s.rotated_from = None;
                     s.refresh(Instant::now());
-                    claimed = Some(s.next_delay);
+                    claimed = Some(s.probe_wait.peek());
                     return true;
                 }
                 false
@@ -232,7 +234,7 @@ impl PauseGate {
             s.probe = None;
             if rotate {
                 s.rotated_from = Some(ticket);
-                s.next_delay = (s.next_delay * 2).min(MAX_DELAY);
+                s.probe_wait.next_wait();
             }
             s.refresh(Instant::now());
             true
@@ -477,7 +479,7 @@ mod tests {
             probe: None,
             waiting: 0,
             rotated_from: None,
-            next_delay: FIRST_DELAY,
+            probe_wait: PROBE_WAIT,
             unprobed_since: None,
         };
         // Paused with nobody waiting: nothing to probe with; the next job probes.

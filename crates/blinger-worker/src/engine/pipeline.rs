@@ -42,13 +42,14 @@ use crate::broker::acks::Acks;
 use crate::broker::{self, Topology, headers, outgoing};
 use crate::config::TokenSource;
 use crate::contract::job::{InvalidJob, Job, Kind};
+use crate::contract::reason::DeadReason;
 use crate::contract::receipts::{self, Receipt};
 use crate::contract::trail::{Trail, TrailKey};
 use crate::engine::order::{Chains, Route};
 use crate::engine::pause::{Pass, PauseGate, Probe};
 use crate::engine::ratelimit::Limiter;
-use crate::engine::retry::{Next, RetryPolicy};
-use crate::runtime::telemetry::{DeadReason, Health, Metrics, kind_label};
+use crate::engine::retry::{Backoff, Next, RetryPolicy};
+use crate::runtime::telemetry::{Health, Metrics, kind_label};
 use crate::store::{Delivered, Store, now_ms};
 
 /// Longest `x-blinger-error` text.
@@ -352,7 +353,7 @@ impl Pipeline {
 
     /// The job's delivered record, if any; `None` if the store stayed unreadable until shutdown.
     async fn lookup(&self, job: &Job) -> Option<Option<Delivered>> {
-        let mut delay = Duration::from_millis(500);
+        let mut backoff = STORE_RETRY;
         loop {
             match self.store.get(&job.id) {
                 Ok(found) => {
@@ -364,10 +365,9 @@ impl Pipeline {
                     error!(error = %e, "store unreadable; holding jobs until it recovers");
                 }
             }
-            if !self.sleep_unless(&self.abort, delay).await {
+            if !self.sleep_unless(&self.abort, backoff.next_wait()).await {
                 return None;
             }
-            delay = (delay * 2).min(STORE_RETRY_CAP);
         }
     }
 
@@ -613,7 +613,7 @@ impl Pipeline {
             attempts,
             digest: Some(job.digest()),
         };
-        let mut delay = Duration::from_millis(500);
+        let mut backoff = STORE_RETRY;
         loop {
             let started = Instant::now();
             match self.store.record(&job.id, &record).await {
@@ -631,10 +631,9 @@ impl Pipeline {
                     // without the record. Hold the job and retry; readiness reports the store.
                     self.health.set_store_ok(false);
                     error!(id = %job.id, error = %e, "cannot record a delivery; holding its ack until the store recovers");
-                    if !self.sleep_unless(&self.abort, delay).await {
+                    if !self.sleep_unless(&self.abort, backoff.next_wait()).await {
                         return Outcome::HandedBack;
                     }
-                    delay = (delay * 2).min(STORE_RETRY_CAP);
                 }
             }
         }
@@ -760,7 +759,7 @@ impl Pipeline {
         queue: &str,
         properties: lapin::BasicProperties,
     ) -> bool {
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::MAX).with_factor(4);
         for attempt in 1..=3 {
             if work.session.alive.is_cancelled() {
                 return false;
@@ -774,10 +773,9 @@ impl Pipeline {
                 Some(Err(e)) => warn!(queue, attempt, error = %e, "republish failed"),
                 None => warn!(queue, attempt, "republish not confirmed"),
             }
-            if attempt < 3 && !self.sleep_unless(&self.abort, delay).await {
+            if attempt < 3 && !self.sleep_unless(&self.abort, backoff.next_wait()).await {
                 return false;
             }
-            delay *= 4;
         }
         false
     }
@@ -891,9 +889,9 @@ fn chains(store: &Store, policy: &RetryPolicy) -> Chains {
     )
 }
 
-/// Longest wait between two attempts on a failing store: short, so work resumes soon after the
-/// disk has room again.
-const STORE_RETRY_CAP: Duration = Duration::from_secs(5);
+/// Waits while the store cannot be read or written: 0.5 s doubling to 5 s, short so work resumes
+/// soon after the disk has room again.
+const STORE_RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
 
 /// Longest wait for the broker to answer an ack, nack or publish.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);

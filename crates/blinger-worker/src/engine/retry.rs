@@ -120,6 +120,51 @@ impl Round<'_> {
     }
 }
 
+/// A plain exponential wait: `first`, then times `factor` after each wait, never above `cap`.
+/// Every loop that waits and tries again uses it — reconnects, an unreadable or unwritable store,
+/// a republish, a refused probe — so each has its numbers in one line. Only the retry round of a
+/// Blinger call adds jitter ([`RetryPolicy::round`]): many jobs retry at once there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    first: Duration,
+    next: Duration,
+    cap: Duration,
+    factor: u32,
+}
+
+impl Backoff {
+    /// Doubling from `first` up to `cap`.
+    pub const fn new(first: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            first,
+            next: first,
+            cap,
+            factor: 2,
+        }
+    }
+
+    pub const fn with_factor(self, factor: u32) -> Backoff {
+        Backoff { factor, ..self }
+    }
+
+    /// The wait to take now; the one after it is longer (up to the cap).
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = self.next.saturating_mul(self.factor).min(self.cap);
+        wait
+    }
+
+    /// The wait [`Backoff::next_wait`] would return, without moving on.
+    pub fn peek(&self) -> Duration {
+        self.next
+    }
+
+    /// Starts over from the first wait.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
 /// Queue name of a delay tier: `blinger.outbound.retry.30s`.
 pub fn tier_queue_name(work_queue: &str, delay: Duration) -> String {
     format!(
@@ -134,6 +179,34 @@ pub fn tier_queue_name(work_queue: &str, delay: Duration) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn backoff_grows_by_its_factor_up_to_the_cap_and_starts_over() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+        let waits: Vec<_> = (0..6).map(|_| b.next_wait().as_millis()).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.peek(), Duration::from_millis(500));
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::MAX).with_factor(4);
+        let waits: Vec<_> = (0..3).map(|_| b.next_wait().as_millis()).collect();
+        assert_eq!(waits, [200, 800, 3200]);
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_never_shrinks_and_never_passes_its_cap(
+            first in 0u64..10_000, cap in 0u64..100_000, factor in 1u32..10, n in 1usize..50,
+        ) {
+            let cap = Duration::from_millis(cap.max(first));
+            let mut b = Backoff::new(Duration::from_millis(first), cap).with_factor(factor);
+            let mut last = Duration::ZERO;
+            for _ in 0..n {
+                let w = b.next_wait();
+                prop_assert!(w >= last && w <= cap);
+                last = w;
+            }
+        }
+    }
 
     fn policy() -> RetryPolicy {
         RetryPolicy::new(

@@ -15,38 +15,7 @@ use prometheus::{
 
 use crate::config::LogFormat;
 use crate::contract::job::Kind;
-
-/// Why a job was dead-lettered: the `x-blinger-reason` header and the `reason` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadReason {
-    Invalid,
-    Rejected,
-    RetriesExhausted,
-    Expired,
-    /// The job's id was already delivered as a different job (another kind, conversation or
-    /// payload): the publisher reused an id.
-    Conflict,
-}
-
-impl DeadReason {
-    pub const ALL: [DeadReason; 5] = [
-        DeadReason::Invalid,
-        DeadReason::Rejected,
-        DeadReason::RetriesExhausted,
-        DeadReason::Expired,
-        DeadReason::Conflict,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadReason::Invalid => "invalid",
-            DeadReason::Rejected => "rejected",
-            DeadReason::RetriesExhausted => "retries-exhausted",
-            DeadReason::Expired => "expired",
-            DeadReason::Conflict => "conflict",
-        }
-    }
-}
+use crate::contract::reason::DeadReason;
 
 pub fn kind_label(kind: Option<Kind>) -> &'static str {
     kind.map_or("unknown", Kind::as_str)

@@ -31,7 +31,7 @@ use crate::contract::trail::{TrailKey, TrailKeyError};
 use crate::engine::dispatch::Dispatcher;
 use crate::engine::pipeline::{Pipeline, SessionLink};
 use crate::engine::ratelimit::Limiter;
-use crate::engine::retry::RetryPolicy;
+use crate::engine::retry::{Backoff, RetryPolicy};
 use crate::runtime::telemetry::{Health, Metrics};
 use crate::store::{Store, StoreError};
 
@@ -75,10 +75,8 @@ impl Worker {
         let token = token_source.load()?;
         let metrics = Metrics::new();
         let health = Health::new(metrics.clone());
-        std::fs::create_dir_all(&settings.data_dir).map_err(|e| StoreError::Open {
-            path: settings.data_dir.display().to_string(),
-            source: sled::Error::Io(e),
-        })?;
+        std::fs::create_dir_all(&settings.data_dir)
+            .map_err(|e| StoreError::opening(&settings.data_dir, e))?;
         let store = Store::open(&settings.data_dir)?;
         let trail_key = TrailKey::load(settings.trail_key.as_ref(), &settings.data_dir)?;
         store.check_writable().await?;
@@ -403,13 +401,13 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// connection but refuses `basic.consume` be hammered without a pause.)
 #[derive(Debug)]
 struct Reconnect {
-    delay: Duration,
+    backoff: Backoff,
 }
 
 impl Default for Reconnect {
     fn default() -> Self {
         Reconnect {
-            delay: RECONNECT_FIRST,
+            backoff: Backoff::new(RECONNECT_FIRST, RECONNECT_CAP),
         }
     }
 }
@@ -417,15 +415,13 @@ impl Default for Reconnect {
 impl Reconnect {
     /// The wait before the next attempt; the one after it is longer.
     fn next_delay(&mut self) -> Duration {
-        let delay = self.delay;
-        self.delay = (self.delay * 2).min(RECONNECT_CAP);
-        delay
+        self.backoff.next_wait()
     }
 
     /// A session ended after consuming for `lasted`.
     fn session_ended(&mut self, lasted: Duration) {
         if lasted >= HEALTHY_SESSION {
-            self.delay = RECONNECT_FIRST;
+            self.backoff.reset();
         }
     }
 }
