@@ -9,11 +9,10 @@
 //! - `dispatch`: the real `Dispatcher::submit` with lapin's `Delivery::mock` (its acker is not
 //!   connected). The pipeline behind it returns at once (its session is marked dead), so this is
 //!   decode + metrics + per-conversation lane bookkeeping + one task + one semaphore permit per
-//!   job. Building the `SessionLink` needs a real `lapin::Channel`: the bench opens one channel to
-//!   `AMQP_URL` at setup and never uses it; without a broker the group is skipped;
+//!   job. The session's broker is in memory (`MemoryOutbox`): no RabbitMQ needed;
 //! - `pipeline`: the same dispatcher with a live pipeline, against the in-process sandbox over
-//!   real HTTP with a real store (group commit) and mock acks: the worker's whole per-job cost
-//!   except the broker's (no receipts, acks are no-ops).
+//!   real HTTP with a real store (group commit) and an in-memory outbox: the worker's whole
+//!   per-job cost except the broker's (no receipts; acks are recorded in memory).
 //!
 //! Store benchmarks write under `target/bench-store` (a real disk: fsync cost is real; `/tmp`
 //! may be tmpfs).
@@ -25,14 +24,14 @@ use std::time::{Duration, Instant};
 
 use blinger_sandbox::{Sandbox, SandboxConfig};
 use blinger_worker::blinger::Client;
-use blinger_worker::broker::acks::Acks;
-use blinger_worker::broker::{Republisher, Topology};
+use blinger_worker::broker::Topology;
+use blinger_worker::broker::outbox::MemoryOutbox;
 use blinger_worker::config::{AmqpSettings, Secret, TokenSource};
 use blinger_worker::contract::job::{self, Action, Job};
 use blinger_worker::contract::trail::TrailKey;
 use blinger_worker::engine::dispatch::Dispatcher;
 use blinger_worker::engine::fair::FairShare;
-use blinger_worker::engine::pipeline::{Pipeline, SessionLink};
+use blinger_worker::engine::pipeline::{Parts, Pipeline, SessionLink};
 use blinger_worker::engine::ratelimit::Limiter;
 use blinger_worker::engine::retry::RetryPolicy;
 use blinger_worker::runtime::telemetry::{Health, Metrics};
@@ -342,44 +341,36 @@ fn world(rt: &tokio::runtime::Runtime, api: &str) -> World {
     )
     .unwrap();
     let settings = amqp_settings();
-    let pipeline = Pipeline::new(
+    let pipeline = Pipeline::new(Parts {
         client,
-        TokenSource::Literal(Secret::new(TOKEN)),
+        token: TokenSource::Literal(Secret::new(TOKEN)),
         store,
-        Limiter::new(
+        limiter: Limiter::new(
             NonZeroU32::new(1_000_000).unwrap(),
             NonZeroU32::new(100_000).unwrap(),
         ),
-        RetryPolicy::new(4, settings.retry_delays.0.clone()),
-        Topology::new(&settings),
+        policy: RetryPolicy::new(4, settings.retry_delays.0.clone()),
+        topology: Topology::new(&settings),
         metrics,
         health,
-        CancellationToken::new(),
-        TrailKey::load(None, dir.path()).unwrap(),
-    );
+        stopping: CancellationToken::new(),
+        trail_key: TrailKey::load(None, dir.path()).unwrap(),
+        receipts: None,
+        keyless_concurrency: None,
+    });
     World {
         pipeline: Arc::new(pipeline),
         _dir: dir,
     }
 }
 
-/// One channel to the broker, only to build `SessionLink`s (never used for traffic).
-fn channel(
-    rt: &tokio::runtime::Runtime,
-) -> Option<(lapin::Connection, lapin::Channel, Arc<Republisher>)> {
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    rt.block_on(async {
-        let conn = tokio::time::timeout(
-            Duration::from_secs(5),
-            lapin::Connection::connect(&url, lapin::ConnectionProperties::default()),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        let channel = conn.create_channel().await.ok()?;
-        let republisher = Republisher::open(&conn, 1).await.ok()?;
-        Some((conn, channel, Arc::new(republisher)))
+/// A session whose broker is in memory ([`MemoryOutbox`]): acks and republishes cost what
+/// they cost the pipeline, not a broker's round trip.
+fn session() -> Arc<SessionLink> {
+    Arc::new(SessionLink {
+        outbox: Arc::new(MemoryOutbox::default()),
+        alive: CancellationToken::new(),
+        header_budget: blinger_worker::broker::outgoing::DEFAULT_HEADER_BUDGET,
     })
 }
 
@@ -407,21 +398,11 @@ fn deliveries(n: usize, conversations: usize) -> Vec<Delivery> {
 
 fn dispatch(c: &mut Criterion) {
     let rt = runtime();
-    let Some((conn, channel, republisher)) = channel(&rt) else {
-        eprintln!("dispatch, pipeline: skipped (no RabbitMQ at AMQP_URL to build a SessionLink)");
-        return;
-    };
     const JOBS: usize = 1000;
 
     // Scheduling only: the session is dead, so `Pipeline::process` returns at once.
     let w = world(&rt, "http://127.0.0.1:9/api/external/v1");
-    let dead = Arc::new(SessionLink {
-        publish: channel.clone(),
-        republisher: republisher.clone(),
-        alive: CancellationToken::new(),
-        acks: Acks::new(channel.clone()),
-        header_budget: blinger_worker::broker::outgoing::DEFAULT_HEADER_BUDGET,
-    });
+    let dead = session();
     dead.alive.cancel();
     let mut g = c.benchmark_group("dispatch");
     g.measurement_time(Duration::from_secs(3))
@@ -476,13 +457,7 @@ fn dispatch(c: &mut Criterion) {
         .unwrap()
     });
     let w = world(&rt, &sandbox.base_url());
-    let live = Arc::new(SessionLink {
-        publish: channel.clone(),
-        republisher: republisher.clone(),
-        alive: CancellationToken::new(),
-        acks: Acks::new(channel.clone()),
-        header_budget: blinger_worker::broker::outgoing::DEFAULT_HEADER_BUDGET,
-    });
+    let live = session();
     let ran = std::sync::atomic::AtomicBool::new(false);
     let mut g = c.benchmark_group("pipeline");
     g.measurement_time(Duration::from_secs(5))
@@ -530,7 +505,6 @@ fn dispatch(c: &mut Criterion) {
     }
     rt.block_on(async {
         sandbox.shutdown().await;
-        let _ = conn.close(200, "bench done".into()).await;
     });
 }
 

@@ -8,6 +8,7 @@
 //! duplicate job into a no-op.
 
 pub mod acks;
+pub mod outbox;
 pub mod outgoing;
 pub mod republisher;
 pub mod topology;

@@ -10,8 +10,6 @@
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::broker::{self, AmqpError};
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
@@ -52,34 +50,15 @@ pub fn timestamp(unix_ms: u64) -> String {
     super::rfc3339_ms(unix_ms).unwrap_or_default()
 }
 
-/// Publishes one receipt and waits for the broker's confirm. Unrouted receipts (nobody bound to
-/// the exchange) are fine: they are not an error, so the publish is not mandatory (a returned
-/// receipt would be logged in full by lapin and attributed by lapin to another receipt's
-/// confirm: see [`broker::publish_confirmed_with`]). Receipts have their own channel; the
-/// mandatory republishes go through [`broker::Republisher`].
-pub async fn publish(
-    channel: &lapin::Channel,
-    exchange: &str,
-    receipt: &Receipt,
-) -> Result<(), AmqpError> {
+/// The message of a receipt: routing key, JSON body and properties. The pipeline publishes it
+/// (not mandatory: receipts nobody is bound to are fine) and waits for the confirm.
+pub fn message(receipt: &Receipt) -> (String, Vec<u8>, lapin::BasicProperties) {
     let body = serde_json::to_vec(receipt).expect("receipts serialise");
     let properties = lapin::BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
-    match broker::publish_confirmed_with(
-        channel,
-        exchange,
-        &receipt.routing_key(),
-        &body,
-        properties,
-        false,
-    )
-    .await
-    {
-        Err(AmqpError::Unroutable(_)) => Ok(()),
-        other => other,
-    }
+    (receipt.routing_key(), body, properties)
 }
 
 #[cfg(test)]

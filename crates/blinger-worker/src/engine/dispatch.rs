@@ -122,12 +122,12 @@ impl Dispatcher {
 
     /// Takes one delivery. Never blocks: the prefetch limit bounds what can be waiting.
     pub fn submit(self: &Arc<Self>, delivery: Delivery, session: &Arc<SessionLink>) {
-        session.acks.received(delivery.delivery_tag);
+        session.outbox.received(delivery.delivery_tag);
         let job = job::decode(&delivery.data, self.max_body_bytes);
         let (trail, found) = Trail::decode(
             &delivery.properties,
             &delivery.data,
-            &self.pipeline.trail_key,
+            self.pipeline.trail_key(),
         );
         if found == Found::Ignored {
             warn!(
@@ -153,7 +153,7 @@ impl Dispatcher {
             received_ms: now_ms(),
         };
         self.pipeline
-            .metrics
+            .metrics()
             .jobs_received
             .with_label_values(&[kind_label(work.kind())])
             .inc();
@@ -189,7 +189,7 @@ impl Dispatcher {
         let per_job = Duration::from_micros(self.job_micros.load(Ordering::Relaxed));
         // Not while paused: nothing flows then, and deferred jobs would only go round.
         if self.fair.admit(held, keyless) == Admit::Defer
-            && !self.pipeline.gate.is_paused()
+            && !self.pipeline.is_paused()
             && let Some(tier) = self.pipeline.defer(&work, held.conversation, per_job)
         {
             drop(lanes);
@@ -287,7 +287,7 @@ impl Dispatcher {
     /// pause, gives it up while it waits and takes it again), and a lane holding it while
     /// waiting for their slots would stop them all for good.
     async fn slot(&self, keyless: bool) -> (SemaphorePermit<'_>, Option<OwnedSemaphorePermit>) {
-        let permits = &self.pipeline.keyless;
+        let permits = self.pipeline.keyless();
         loop {
             if !keyless {
                 let slot = self.permits.acquire().await.expect("never closed");

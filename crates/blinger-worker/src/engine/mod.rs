@@ -6,8 +6,10 @@
 //! - [`fair`]: the fair share of the prefetch (deferral of the newest job of a big lane);
 //! - [`retry`]: backoff and the delay tiers; [`ratelimit`]: the global request cap;
 //! - [`pause`]: pausing on 401/403 and the probe that resumes;
+//! - [`decide`]: what follows a call Blinger did not accept (a pure table);
 //! - [`pipeline`]: one job from delivery to ack, driving the above.
 
+pub mod decide;
 pub mod dispatch;
 pub mod fair;
 pub mod order;

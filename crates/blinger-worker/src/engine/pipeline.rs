@@ -28,23 +28,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::BasicNackOptions;
 use lapin::types::AMQPValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::blinger::failure::{Class, Failure};
+use crate::blinger::failure::Failure;
 use crate::blinger::{Accepted, Client};
-use crate::broker::acks::Acks;
+use crate::broker::outbox::Outbox;
 use crate::broker::{self, Topology, headers, outgoing};
 use crate::config::TokenSource;
 use crate::contract::job::{InvalidJob, Job, Kind};
 use crate::contract::reason::DeadReason;
 use crate::contract::receipts::{self, Receipt};
 use crate::contract::trail::{Trail, TrailKey};
+use crate::engine::decide::{Facts, Step, decide};
 use crate::engine::order::{Chains, Route};
 use crate::engine::pause::{Pass, PauseGate, Probe};
 use crate::engine::ratelimit::Limiter;
@@ -55,16 +54,12 @@ use crate::store::{Delivered, Store, now_ms};
 /// Longest `x-blinger-error` text.
 const MAX_ERROR_CHARS: usize = 1000;
 
-/// The channel a delivery came in on, and whether it is still open. Acks and republishes of a
+/// The session a delivery came in on, and whether it is still open. Acks and republishes of a
 /// delivery go through its own session: once that session is gone, the broker will redeliver.
 pub struct SessionLink {
-    /// Receipts.
-    pub publish: Channel,
-    /// Delay-tier and dead-letter republishes, each confirm exactly its own.
-    pub republisher: Arc<broker::Republisher>,
+    /// Acks, hand-backs, republishes and receipts of this session's deliveries.
+    pub outbox: Arc<dyn Outbox>,
     pub alive: CancellationToken,
-    /// Acks of the deliveries of this session, batched.
-    pub acks: Acks,
     /// Most bytes of a publisher's headers a republish on this session copies
     /// ([`outgoing::header_budget`] of the negotiated frame size).
     pub header_budget: usize,
@@ -92,8 +87,8 @@ impl Work {
     }
 }
 
-/// Everything a job needs, shared by all jobs.
-pub struct Pipeline {
+/// What a [`Pipeline`] is made of.
+pub struct Parts {
     pub client: Client,
     pub token: TokenSource,
     pub store: Store,
@@ -102,22 +97,39 @@ pub struct Pipeline {
     pub topology: Topology,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub gate: PauseGate,
     /// Consumption has stopped (shutdown): jobs waiting on a backoff park at once, paused jobs
     /// are handed back.
     pub stopping: CancellationToken,
-    /// The shutdown grace is over: jobs not yet started are handed back.
-    pub abort: CancellationToken,
-    chains: Chains,
+    /// Seals the trail of the jobs this worker parks.
+    pub trail_key: TrailKey,
     /// The receipts exchange, when receipts are on.
     pub receipts: Option<String>,
+    /// Most calls without an idempotency key at once; `None`: no limit.
+    pub keyless_concurrency: Option<usize>,
+}
+
+/// Everything a job needs, shared by all jobs.
+pub struct Pipeline {
+    client: Client,
+    token: TokenSource,
+    store: Store,
+    limiter: Limiter,
+    policy: RetryPolicy,
+    topology: Topology,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    gate: PauseGate,
+    stopping: CancellationToken,
+    /// The shutdown grace is over: jobs not yet started are handed back.
+    abort: CancellationToken,
+    chains: Chains,
+    receipts: Option<String>,
     /// Permits for calls without an idempotency key (request-review, assign-agent): what a crash
     /// can repeat. The dispatcher takes one before the job's concurrency slot (waiting for it
     /// holds no slot); the job gives it up while it waits (backoff, pause) and holds it from each
-    /// call until the call failed or its delivered record is durable. Unlimited unless set.
-    pub keyless: Arc<Semaphore>,
-    /// Seals the trail of the jobs this worker parks.
-    pub trail_key: TrailKey,
+    /// call until the call failed or its delivered record is durable.
+    keyless: Arc<Semaphore>,
+    trail_key: TrailKey,
 }
 
 /// How a job's processing ended, for tests and logs.
@@ -132,19 +144,22 @@ pub enum Outcome {
 }
 
 impl Pipeline {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        client: Client,
-        token: TokenSource,
-        store: Store,
-        limiter: Limiter,
-        policy: RetryPolicy,
-        topology: Topology,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-        stopping: CancellationToken,
-        trail_key: TrailKey,
-    ) -> Pipeline {
+    /// Builds the pipeline; the chains of the last run are read from the store here.
+    pub fn new(parts: Parts) -> Pipeline {
+        let Parts {
+            client,
+            token,
+            store,
+            limiter,
+            policy,
+            topology,
+            metrics,
+            health,
+            stopping,
+            trail_key,
+            receipts,
+            keyless_concurrency,
+        } = parts;
         Pipeline {
             chains: chains(&store, &policy),
             client,
@@ -158,10 +173,43 @@ impl Pipeline {
             health,
             stopping,
             abort: CancellationToken::new(),
-            receipts: None,
-            keyless: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            receipts,
+            keyless: Arc::new(Semaphore::new(
+                keyless_concurrency.unwrap_or(Semaphore::MAX_PERMITS),
+            )),
             trail_key,
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn trail_key(&self) -> &TrailKey {
+        &self.trail_key
+    }
+
+    /// The permits of the calls without an idempotency key (see [`Parts::keyless_concurrency`]).
+    pub fn keyless(&self) -> &Arc<Semaphore> {
+        &self.keyless
+    }
+
+    /// Blinger refuses the token: jobs wait at the gate.
+    pub fn is_paused(&self) -> bool {
+        self.gate.is_paused()
+    }
+
+    /// The shutdown grace is over: jobs not yet started are handed back, waits end.
+    pub fn abort(&self) {
+        self.abort.cancel();
     }
 
     /// Processes one message to its end. `keyless` is the job's keyless permit when it needs
@@ -470,35 +518,43 @@ impl Pipeline {
             };
             // Not accepted: nothing to record, and a backoff must not hold the permit.
             keyless = None;
-            if failure.class != Class::Auth && failure.status.is_some() {
-                // An answer that is not 401/403: the token works. The probe steps down and the
-                // job goes on with its own retry round.
+            let decision = decide(
+                &failure,
+                Facts {
+                    probing: probe.is_some(),
+                    refused_while_others_accepted: refused_at
+                        .is_some_and(|at| self.gate.accepted_since(at)),
+                },
+            );
+            if decision.token_works {
+                // The probe steps down and the job goes on with its own retry round.
                 if self.gate.resume() {
                     info!("Blinger accepts the API token again; resuming");
                 }
                 probe = None;
             }
-            match failure.class {
-                Class::Auth => {
-                    // A 403 again, after other jobs were accepted since this job's last one: the
-                    // token works, this job is forbidden (a conversation of another account).
+            if decision.throttle {
+                self.metrics.rate_limited.inc();
+                self.limiter.throttle(failure.retry_after);
+            }
+            match decision.step {
+                Step::DeadLetter { reason, forbidden } => {
+                    drop(probe);
+                    let detail = if forbidden {
+                        format!(
+                            "{} (403 for this job while Blinger accepted other jobs: forbidden, \
+                             not a token problem)",
+                            failure.detail
+                        )
+                    } else {
+                        failure.detail.clone()
+                    };
+                    return self
+                        .dead_letter(work, reason, &detail, failure.status, trail.attempts.into())
+                        .await;
+                }
+                Step::Pause => {
                     if failure.status == Some(403) {
-                        if refused_at.is_some_and(|at| self.gate.accepted_since(at)) {
-                            drop(probe);
-                            return self
-                                .dead_letter(
-                                    work,
-                                    DeadReason::Rejected,
-                                    &format!(
-                                        "{} (403 for this job while Blinger accepted other \
-                                         jobs: forbidden, not a token problem)",
-                                        failure.detail
-                                    ),
-                                    failure.status,
-                                    trail.attempts.into(),
-                                )
-                                .await;
-                        }
                         refused_at = Some(call);
                     }
                     if self.gate.pause() {
@@ -514,27 +570,9 @@ impl Pipeline {
                         p.rotate();
                     }
                 }
-                Class::Permanent => {
-                    return self
-                        .dead_letter(
-                            work,
-                            DeadReason::Rejected,
-                            &failure.detail,
-                            failure.status,
-                            trail.attempts.into(),
-                        )
-                        .await;
-                }
-                Class::Transient => {
-                    if failure.status == Some(429) {
-                        self.metrics.rate_limited.inc();
-                        self.limiter.throttle(failure.retry_after);
-                    }
-                    if probe.is_some() {
-                        // A probe without an answer says nothing about the token: keep probing.
-                        continue;
-                    }
-                    let next = match round.after_failure(failure.retry_after) {
+                Step::ProbeAgain => continue,
+                Step::Retry => {
+                    let tier = match round.after_failure(failure.retry_after) {
                         Next::Wait(delay) => {
                             debug!(id = %job.id, attempts = trail.attempts, ?delay, error = %failure.detail, "transient failure; retrying");
                             if self.sleep_unless(&self.stopping, delay).await {
@@ -545,42 +583,40 @@ impl Pipeline {
                                 continue;
                             }
                             // Shutting down: park now rather than hand the job back.
-                            round.park(failure.retry_after)
+                            round.park_tier(failure.retry_after)
                         }
-                        other => other,
+                        Next::Park { tier } => Some(tier),
+                        Next::GiveUp => None,
                     };
-                    return match next {
-                        Next::Park { tier } => {
-                            self.metrics
-                                .jobs_retried
-                                .with_label_values(&[kind.as_str()])
-                                .inc();
-                            self.chains.parked(
-                                &job.conversation_id,
-                                job.id,
-                                work.seq,
-                                tier,
-                                tokio::time::Instant::now(),
-                            );
-                            let trail = Trail {
-                                retries: trail.retries.saturating_add(1),
-                                chain: Some(work.seq),
-                                first_seen_ms: Some(self.first_seen_ms(work)),
-                                ..trail
-                            };
-                            self.park(work, job, tier, trail, Some(&failure)).await
-                        }
-                        Next::GiveUp | Next::Wait(_) => {
-                            self.dead_letter(
+                    let Some(tier) = tier else {
+                        return self
+                            .dead_letter(
                                 work,
                                 DeadReason::RetriesExhausted,
                                 &failure.detail,
                                 failure.status,
                                 trail.attempts.into(),
                             )
-                            .await
-                        }
+                            .await;
                     };
+                    self.metrics
+                        .jobs_retried
+                        .with_label_values(&[kind.as_str()])
+                        .inc();
+                    self.chains.parked(
+                        &job.conversation_id,
+                        job.id,
+                        work.seq,
+                        tier,
+                        tokio::time::Instant::now(),
+                    );
+                    let trail = Trail {
+                        retries: trail.retries.saturating_add(1),
+                        chain: Some(work.seq),
+                        first_seen_ms: Some(self.first_seen_ms(work)),
+                        ..trail
+                    };
+                    return self.park(work, job, tier, trail, Some(&failure)).await;
                 }
             }
         }
@@ -766,8 +802,8 @@ impl Pipeline {
             }
             let published =
                 work.session
-                    .republisher
-                    .publish(queue, &work.delivery.data, properties.clone());
+                    .outbox
+                    .republish(queue, &work.delivery.data, properties.clone());
             match on_session(work, published).await {
                 Some(Ok(())) => return true,
                 Some(Err(e)) => warn!(queue, attempt, error = %e, "republish failed"),
@@ -783,13 +819,9 @@ impl Pipeline {
     /// Gives the delivery back to the broker now (nack with requeue), so it is not held until
     /// the session ends.
     async fn hand_back(&self, work: &Work) -> Outcome {
-        let nack = work.delivery.acker.nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        });
-        if let Some(Ok(_)) = on_session(work, nack).await {
-            // Only once the nack is on the wire may a batched ack pass this tag.
-            work.session.acks.forget(work.delivery.delivery_tag);
+        let nack = work.session.outbox.hand_back(work.delivery.delivery_tag);
+        if let Some(Err(e)) = on_session(work, nack).await {
+            debug!(error = %e, "hand-back failed; the broker redelivers when the session ends");
         }
         Outcome::HandedBack
     }
@@ -820,9 +852,14 @@ impl Pipeline {
             finished_at: receipts::timestamp(now_ms()),
         };
         fill(&mut receipt);
-        let published = receipts::publish(&work.session.publish, exchange, &receipt);
+        let (routing_key, body, properties) = receipts::message(&receipt);
+        let published = work
+            .session
+            .outbox
+            .publish(exchange, &routing_key, body, properties);
         match on_session(work, published).await {
-            Some(Ok(())) => {}
+            // Unrouted receipts (nobody bound to the exchange) are fine.
+            Some(Ok(()) | Err(broker::AmqpError::Unroutable(_))) => {}
             failed => {
                 self.metrics.receipts_failed.inc();
                 warn!(id = ?receipt.id, outcome = ?failed.map(|r| r.err().map(|e| e.to_string())), "receipt not published");
@@ -833,7 +870,7 @@ impl Pipeline {
     /// Hands the delivery to its session's ack batcher (sent within milliseconds). If the
     /// session is lost first, the broker redelivers and the store makes that a duplicate.
     fn ack(&self, work: &Work) {
-        work.session.acks.done(work.delivery.delivery_tag);
+        work.session.outbox.ack(work.delivery.delivery_tag);
     }
 
     fn first_seen_ms(&self, work: &Work) -> u64 {
@@ -922,5 +959,198 @@ fn truncate(s: &str) -> String {
     match s.char_indices().nth(MAX_ERROR_CHARS) {
         Some((cut, _)) => format!("{}…", &s[..cut]),
         None => s.to_owned(),
+    }
+}
+
+/// The pipeline without a broker: each job goes through [`Pipeline::process`] with an in-memory
+/// outbox, against the sandbox Blinger over HTTP and a real store. What the pipeline asks of the
+/// broker is the outbox's record; the integration tests run the same paths on RabbitMQ.
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use blinger_sandbox::{Sandbox, SandboxConfig};
+    use clap::Parser;
+
+    use super::*;
+    use crate::broker::outbox::{MemoryOutbox, Sent};
+    use crate::config::{AmqpSettings, Secret};
+    use crate::contract::job;
+
+    const TOKEN: &str = "unit-token";
+
+    struct World {
+        pipeline: Pipeline,
+        outbox: Arc<MemoryOutbox>,
+        session: Arc<SessionLink>,
+        sandbox: Sandbox,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn world() -> World {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            amqp: AmqpSettings,
+        }
+        let settings = Cli::parse_from(["t", "--queue", "unit", "--retry-delays", "1s,5s"]).amqp;
+        let sandbox = Sandbox::start(
+            "127.0.0.1:0".parse().unwrap(),
+            SandboxConfig::with_token(TOKEN),
+            None,
+        )
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let health = Health::new(metrics.clone());
+        let pipeline = Pipeline::new(Parts {
+            client: Client::new(
+                &url::Url::parse(&sandbox.base_url()).unwrap(),
+                &Secret::new(TOKEN),
+                Duration::from_secs(5),
+            )
+            .unwrap(),
+            token: TokenSource::Literal(Secret::new(TOKEN)),
+            store: Store::open(dir.path()).unwrap(),
+            limiter: Limiter::new(
+                NonZeroU32::new(1000).unwrap(),
+                NonZeroU32::new(100).unwrap(),
+            ),
+            policy: RetryPolicy {
+                initial_interval: Duration::from_millis(1),
+                max_interval: Duration::from_millis(2),
+                ..RetryPolicy::new(2, settings.retry_delays.0.clone())
+            },
+            topology: Topology::new(&settings),
+            metrics,
+            health,
+            stopping: CancellationToken::new(),
+            trail_key: TrailKey::load(None, dir.path()).unwrap(),
+            receipts: Some("unit.events".into()),
+            keyless_concurrency: None,
+        });
+        let outbox = Arc::new(MemoryOutbox::default());
+        let session = Arc::new(SessionLink {
+            outbox: outbox.clone(),
+            alive: CancellationToken::new(),
+            header_budget: outgoing::DEFAULT_HEADER_BUDGET,
+        });
+        World {
+            pipeline,
+            outbox,
+            session,
+            sandbox,
+            _dir: dir,
+        }
+    }
+
+    impl World {
+        async fn run(&self, tag: u64, body: serde_json::Value) -> Outcome {
+            let data = body.to_string().into_bytes();
+            let delivery = Delivery::mock(tag, "".into(), "send-text".into(), false, data);
+            let job = job::decode(&delivery.data, 256 * 1024);
+            let (trail, _) = Trail::decode(
+                &delivery.properties,
+                &delivery.data,
+                self.pipeline.trail_key(),
+            );
+            let seq = job
+                .as_ref()
+                .map_or(0, |job| self.pipeline.arrived(job, &trail));
+            let work = Work {
+                delivery,
+                session: self.session.clone(),
+                job,
+                trail,
+                seq,
+                received_ms: now_ms(),
+            };
+            self.pipeline.process(work, None).await
+        }
+
+        /// The republishes so far: (queue, x-blinger-reason header).
+        fn republished(&self) -> Vec<(String, Option<String>)> {
+            self.outbox
+                .sent()
+                .into_iter()
+                .filter_map(|s| match s {
+                    Sent::Republish {
+                        queue, properties, ..
+                    } => Some((queue, broker::header_string(&properties, headers::REASON))),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn text(conversation: &str) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "send-text",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "conversation_id": conversation,
+            "text": "hi",
+        })
+    }
+
+    #[tokio::test]
+    async fn a_delivered_job_is_recorded_receipted_then_acked_and_a_redelivery_is_not_sent() {
+        let w = world().await;
+        let job = text("c1");
+        assert_eq!(w.run(1, job.clone()).await, Outcome::Delivered);
+        let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+        assert!(w.pipeline.store().get(&id).unwrap().is_some(), "recorded");
+        let sent = w.outbox.sent();
+        assert!(
+            matches!(&sent[..], [Sent::Publish { routing_key, .. }, Sent::Ack(1)] if routing_key == "delivered.send-text"),
+            "{sent:?}"
+        );
+        assert_eq!(w.run(2, job).await, Outcome::Duplicate);
+        assert_eq!(w.sandbox.requests().len(), 1, "sent once");
+        assert_eq!(w.outbox.sent().last(), Some(&Sent::Ack(2)));
+    }
+
+    #[tokio::test]
+    async fn a_permanent_rejection_is_dead_lettered_with_its_reason_then_acked() {
+        let w = world().await;
+        w.sandbox.update(|c| c.status_override = Some(422));
+        let outcome = w.run(1, text("c1")).await;
+        assert_eq!(outcome, Outcome::DeadLettered(DeadReason::Rejected));
+        let dlq = w.pipeline.topology().dead_letter_queue.clone();
+        assert_eq!(w.republished(), [(dlq, Some("rejected".into()))]);
+        assert_eq!(w.outbox.sent().last(), Some(&Sent::Ack(1)));
+        assert!(
+            w.pipeline
+                .store()
+                .get(&uuid::Uuid::nil())
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn transient_failures_park_in_the_first_tier_and_a_refused_copy_is_handed_back() {
+        let w = world().await;
+        w.sandbox.update(|c| c.status_override = Some(503));
+        assert_eq!(w.run(1, text("c1")).await, Outcome::Parked);
+        let tier = w.pipeline.topology().tiers[0].clone();
+        assert_eq!(w.republished(), [(tier.clone(), None)]);
+        assert_eq!(w.outbox.sent().last(), Some(&Sent::Ack(1)));
+        assert_eq!(w.sandbox.requests().len(), 2, "the round's two calls");
+        // The broker does not take the copy: never acked, given back to be tried again.
+        w.outbox.refuse(&tier);
+        assert_eq!(w.run(2, text("c2")).await, Outcome::HandedBack);
+        let sent = w.outbox.sent();
+        assert_eq!(sent.last(), Some(&Sent::HandBack(2)));
+        assert!(!sent.contains(&Sent::Ack(2)));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_body_is_dead_lettered_without_a_call() {
+        let w = world().await;
+        let outcome = w.run(1, serde_json::json!({"kind": "send-text"})).await;
+        assert_eq!(outcome, Outcome::DeadLettered(DeadReason::Invalid));
+        assert!(w.sandbox.requests().is_empty());
+        assert_eq!(w.outbox.sent().last(), Some(&Sent::Ack(1)));
     }
 }

@@ -108,15 +108,16 @@ impl Round<'_> {
         {
             return Next::Wait(delay);
         }
-        self.park(retry_after)
-    }
-
-    /// Parks without waiting in-process (e.g. when shutting down during a backoff).
-    pub fn park(&self, retry_after: Option<Duration>) -> Next {
-        match self.policy.tier_for(self.retries, retry_after) {
+        match self.park_tier(retry_after) {
             Some(tier) => Next::Park { tier },
             None => Next::GiveUp,
         }
+    }
+
+    /// The tier to park in now, without waiting in-process (e.g. when shutting down during a
+    /// backoff); `None` when no tier is left (give up).
+    pub fn park_tier(&self, retry_after: Option<Duration>) -> Option<usize> {
+        self.policy.tier_for(self.retries, retry_after)
     }
 }
 

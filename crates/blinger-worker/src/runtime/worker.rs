@@ -18,18 +18,17 @@ use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::blinger::Client;
 use crate::blinger::client::ClientError;
-use crate::broker::acks::Acks;
+use crate::broker::outbox::SessionOutbox;
 use crate::broker::{AmqpError, Session, Topology};
 use crate::config::{ConfigError, RunSettings, TokenSource, redact_url};
 use crate::contract::trail::{TrailKey, TrailKeyError};
 use crate::engine::dispatch::Dispatcher;
-use crate::engine::pipeline::{Pipeline, SessionLink};
+use crate::engine::pipeline::{Parts, Pipeline, SessionLink};
 use crate::engine::ratelimit::Limiter;
 use crate::engine::retry::{Backoff, RetryPolicy};
 use crate::runtime::telemetry::{Health, Metrics};
@@ -101,23 +100,22 @@ impl Worker {
             settings.max_in_process_attempts,
             settings.amqp.retry_delays.0.clone(),
         );
-        let mut pipeline = Pipeline::new(
+        let pipeline = Arc::new(Pipeline::new(Parts {
             client,
-            token_source,
+            token: token_source,
             store,
             limiter,
             policy,
             topology,
-            metrics.clone(),
-            health.clone(),
-            stopping.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            stopping: stopping.clone(),
             trail_key,
-        );
-        if settings.receipts {
-            pipeline.receipts = Some(settings.amqp.receipts_exchange.clone());
-        }
-        pipeline.keyless = Arc::new(Semaphore::new(settings.keyless_concurrency as usize));
-        let pipeline = Arc::new(pipeline);
+            receipts: settings
+                .receipts
+                .then(|| settings.amqp.receipts_exchange.clone()),
+            keyless_concurrency: Some(settings.keyless_concurrency as usize),
+        }));
         let dispatcher = Dispatcher::with_slow_start(
             pipeline.clone(),
             settings.concurrency as usize,
@@ -168,11 +166,11 @@ impl Worker {
             listener,
             metrics.clone(),
             health.clone(),
-            pipeline.store.clone(),
+            pipeline.store().clone(),
             ops_stop.clone(),
         ));
         let pruner = tokio::spawn(prune_forever(
-            pipeline.store.clone(),
+            pipeline.store().clone(),
             settings.retention,
             shutdown.clone(),
         ));
@@ -194,7 +192,7 @@ impl Worker {
             let session = match next_session.take() {
                 Some(session) => session,
                 None => {
-                    let topology = &pipeline.topology;
+                    let topology = pipeline.topology();
                     let name = connection_name();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -232,12 +230,12 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Ended::Shutdown(link) => {
+                Ended::Shutdown { link, outbox } => {
                     drain(&settings, &pipeline, &dispatcher, &stopping).await;
                     drained = true;
                     // Finished jobs must be acked before the channel closes, or the broker
                     // redelivers them.
-                    match tokio::time::timeout(ACKS_AND_CLOSE, link.acks.flush(true)).await {
+                    match tokio::time::timeout(ACKS_AND_CLOSE, outbox.acks.flush(true)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => {
                             warn!(error = %e, "acks lost at shutdown; those jobs come back as duplicates")
@@ -255,7 +253,7 @@ impl Worker {
         }
         // Shutdown before or between sessions also lands here.
         stopping.cancel();
-        pipeline.abort.cancel();
+        pipeline.abort();
         // Shutdown between sessions: a job mid-call gets its answer (bounded by the request
         // timeout). After `drain` that wait is over; anything still running is abandoned unacked,
         // and the broker redelivers it.
@@ -274,7 +272,7 @@ impl Worker {
         let _ = pruner.await;
         ops_stop.cancel();
         let _ = ops.await;
-        let store = pipeline.store.clone();
+        let store = pipeline.store().clone();
         drop(dispatcher);
         drop(pipeline);
         if let Err(e) = store.close().await {
@@ -287,7 +285,10 @@ impl Worker {
 
 enum Ended {
     Lost(String),
-    Shutdown(Arc<SessionLink>),
+    Shutdown {
+        link: Arc<SessionLink>,
+        outbox: Arc<SessionOutbox>,
+    },
 }
 
 /// Consumes one session until it is lost or shutdown is requested.
@@ -298,17 +299,21 @@ async fn consume(
     health: &Health,
     shutdown: &CancellationToken,
 ) -> Ended {
+    let outbox = Arc::new(SessionOutbox::new(
+        session.consume.clone(),
+        session.publish.clone(),
+        session.republisher.clone(),
+    ));
     let link = Arc::new(SessionLink {
-        publish: session.publish.clone(),
-        republisher: session.republisher.clone(),
+        outbox: outbox.clone(),
         alive: CancellationToken::new(),
-        acks: Acks::new(session.consume.clone()),
         header_budget: crate::broker::outgoing::header_budget(
             session.connection.configuration().frame_max(),
         ),
     });
-    let acker = link.clone();
-    tokio::spawn(async move { acker.acks.run(acker.alive.clone()).await });
+    let alive = link.alive.clone();
+    let acker = outbox.clone();
+    tokio::spawn(async move { acker.acks.run(alive).await });
     let tag = format!("blinger-worker-{}", uuid::Uuid::new_v4().simple());
     let mut consumer = match session
         .consume
@@ -340,7 +345,10 @@ async fn consume(
                 {
                     dispatcher.submit(delivery, &link);
                 }
-                break Ended::Shutdown(link.clone());
+                break Ended::Shutdown {
+                    link: link.clone(),
+                    outbox: outbox.clone(),
+                };
             }
             delivery = consumer.next() => match delivery {
                 Some(Ok(delivery)) => dispatcher.submit(delivery, &link),
@@ -382,7 +390,7 @@ async fn drain(
             left,
             "shutdown grace over; handing the remaining jobs back to the broker"
         );
-        pipeline.abort.cancel();
+        pipeline.abort();
         // Jobs mid-call get their answer (bounded by the request timeout), and are recorded and
         // acked while the session is still open; the others are handed back at once.
         let last_calls = settings.request_timeout + Duration::from_secs(1);
