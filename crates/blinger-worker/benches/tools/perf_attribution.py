@@ -12,7 +12,7 @@ cats = [  # (label, regex on any frame) — inclusive
  ("  Blinger call in the job's task (reqwest + answer parsing)", r"(?s)(?=.*Pipeline::process)(?=.*(reqwest::|Client::request|read_accepted|blinger::model))"),
  ("  store record (sled inserts + group-commit wait)", r"sled::tree::Tree::insert|Store::record|flush_generation|record_and_ack::\{async_fn#0\}::\{closure_env"),
  ("  store.get (lookup)", r"store::Store::get"),
- ("  receipt publish (serde+lapin publish+confirm)", r"Pipeline::receipt|receipts::publish"),
+ ("  receipt publish (serde+lapin publish+confirm)", r"Pipeline::receipt|receipts::message|SessionOutbox.*publish"),
  ("  ack (lapin basic.ack)", r"Acker::ack|Pipeline::ack"),
  ("  prometheus metrics", r"prometheus::"),
  ("  limiter", r"ratelimit::Limiter"),
