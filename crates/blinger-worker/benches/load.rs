@@ -382,17 +382,10 @@ impl Topo {
     }
 
     async fn ready(&self, channel: &Channel, queue: &str) -> u32 {
-        channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        blinger_worker::broker::topology::ready_count(channel, queue)
             .await
-            .map(|q| q.message_count())
+            .ok()
+            .flatten()
             .unwrap_or(u32::MAX)
     }
 
@@ -522,16 +515,11 @@ async fn ceiling_child(args: &Args) -> ChildReport {
     // A synchronous round trip after the last ack (the broker handles a channel's frames in
     // order), then a moment for a quorum queue to settle them: closing at once can hand the
     // last acks' messages back to the queue.
-    let _ = channel
-        .queue_declare(
-            args.queue.as_deref().expect("--queue").into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
+    let _ = blinger_worker::broker::topology::ready_count(
+        &channel,
+        args.queue.as_deref().expect("--queue"),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;

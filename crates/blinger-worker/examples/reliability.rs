@@ -17,79 +17,34 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+use clap::Parser;
+use clap::builder::PossibleValuesParser;
 use suite::report::{Figures, details, machine, table};
+use suite::scenarios::NAMES;
 use suite::{Ctx, Profile};
 
-const ALL: [&str; 13] = [
-    "crash",
-    "broker_restart",
-    "chaos",
-    "blinger_down",
-    "hostile",
-    "path_injection",
-    "wrong_token",
-    "secrets",
-    "disk",
-    "shutdown",
-    "probe_expiry",
-    "forbidden_conversation",
-    "huge_conversation",
-];
-
+/// Runs the reliability scenarios and prints (or writes) their figures as markdown.
+#[derive(Parser)]
 struct Args {
+    /// How big and long each scenario is.
+    #[arg(long, value_enum, default_value = "full")]
+    profile: Profile,
+    /// Run only these scenarios (comma-separated), in the suite's order.
+    #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(NAMES))]
+    only: Vec<String>,
+    /// Write the markdown to this file as well.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seed of every random choice (kill moments, job plans, sandbox dice); random by default.
+    #[arg(long, default_value_t = rand::random())]
+    seed: u64,
+    /// The worker binary to test (default: build and use the one of this profile).
+    #[arg(long)]
+    bin: Option<PathBuf>,
     /// Render the saved figures of the profile (one file per scenario, from earlier runs)
     /// instead of running anything.
+    #[arg(long)]
     render_saved: bool,
-    profile: Profile,
-    only: Vec<String>,
-    out: Option<PathBuf>,
-    seed: u64,
-    bin: Option<PathBuf>,
-}
-
-fn usage() -> ! {
-    eprintln!(
-        "usage: reliability [--profile short|full] [--only {}] [--out FILE] [--seed N] \
-         [--bin PATH] [--render-saved]",
-        ALL.join(",")
-    );
-    std::process::exit(2);
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        render_saved: false,
-        profile: Profile::Full,
-        only: Vec::new(),
-        out: None,
-        seed: rand::random(),
-        bin: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| usage());
-        match a.as_str() {
-            "--profile" => {
-                args.profile = match value().as_str() {
-                    "short" => Profile::Short,
-                    "full" => Profile::Full,
-                    _ => usage(),
-                }
-            }
-            "--only" => {
-                args.only = value().split(',').map(str::to_owned).collect();
-                if args.only.iter().any(|s| !ALL.contains(&s.as_str())) {
-                    usage();
-                }
-            }
-            "--out" => args.out = Some(PathBuf::from(value())),
-            "--seed" => args.seed = value().parse().unwrap_or_else(|_| usage()),
-            "--bin" => args.bin = Some(PathBuf::from(value())),
-            "--render-saved" => args.render_saved = true,
-            _ => usage(),
-        }
-    }
-    args
 }
 
 /// The release `blinger-worker` next to this example, built first (examples do not build the
@@ -114,28 +69,8 @@ fn worker_binary() -> PathBuf {
     profile_dir.join("blinger-worker")
 }
 
-async fn run_one(name: &str, ctx: &Ctx) -> Figures {
-    use suite::scenarios::*;
-    match name {
-        "crash" => crash::run(ctx).await,
-        "broker_restart" => broker_restart::run(ctx).await,
-        "chaos" => chaos::run(ctx).await,
-        "blinger_down" => blinger_down::run(ctx).await,
-        "hostile" => hostile::run(ctx).await,
-        "path_injection" => path_injection::run(ctx).await,
-        "wrong_token" => wrong_token::run(ctx).await,
-        "secrets" => secrets::run(ctx).await,
-        "disk" => disk::run(ctx).await,
-        "shutdown" => shutdown::run(ctx).await,
-        "probe_expiry" => probe_expiry::run(ctx).await,
-        "forbidden_conversation" => forbidden_conversation::run(ctx).await,
-        "huge_conversation" => huge_conversation::run(ctx).await,
-        _ => unreachable!(),
-    }
-}
-
 fn main() -> ExitCode {
-    let args = parse_args();
+    let args = Args::parse();
     let target = test_support::target_dir();
     if args.render_saved {
         let ctx = Ctx::new(
@@ -146,7 +81,7 @@ fn main() -> ExitCode {
         );
         let all = suite::report::load_all(&ctx.out_dir.join(ctx.profile.as_str()));
         let secs = all.iter().map(|f| f.elapsed_secs).sum();
-        let markdown = render(&all, &ctx, &ALL, secs);
+        let markdown = render(&all, &ctx, NAMES, secs);
         println!("{markdown}");
         if let Some(out) = &args.out {
             std::fs::write(out, &markdown).expect("write --out");
@@ -156,9 +91,10 @@ fn main() -> ExitCode {
     let bin = args.bin.clone().unwrap_or_else(worker_binary);
     let ctx = Ctx::new(args.profile, bin, target.join("reliability"), args.seed);
     let names: Vec<&str> = if args.only.is_empty() {
-        ALL.to_vec()
+        NAMES.to_vec()
     } else {
-        ALL.iter()
+        NAMES
+            .iter()
             .copied()
             .filter(|n| args.only.iter().any(|o| o == n))
             .collect()
@@ -177,7 +113,9 @@ fn main() -> ExitCode {
             ctx.seed
         );
         let t = Instant::now();
-        let figures = runtime.block_on(run_one(name, &ctx));
+        let figures = runtime
+            .block_on(suite::scenarios::run(name, &ctx))
+            .expect("a scenario of the suite");
         figures.save(&ctx);
         eprintln!("{}", table(std::slice::from_ref(&figures)));
         eprintln!("=== {name} done in {:.0} s", t.elapsed().as_secs_f64());
@@ -208,7 +146,7 @@ fn render(all: &[Figures], ctx: &Ctx, names: &[&str], secs: f64) -> String {
          of README's \"Delivery guarantees\".\n\n",
     );
     md.push_str("Reproduce (as root, on the Debian machine of `scripts/test.sh`):\n\n```sh\n");
-    let only = if names.len() == ALL.len() {
+    let only = if names.len() == NAMES.len() {
         String::new()
     } else {
         format!(" --only {}", names.join(","))

@@ -28,28 +28,19 @@ fn ctx() -> Ctx {
     )
 }
 
-macro_rules! scenario {
-    ($name:ident) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let ctx = ctx();
-            let figures = suite::scenarios::$name::run(&ctx).await;
-            figures.save(&ctx);
-            figures.assert_ok();
-        }
+/// One test per scenario, from the suite's one list of them.
+macro_rules! tests {
+    ($($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let ctx = ctx();
+                let figures = suite::scenarios::$name::run(&ctx).await;
+                figures.save(&ctx);
+                figures.assert_ok();
+            }
+        )*
     };
 }
 
-scenario!(crash);
-scenario!(broker_restart);
-scenario!(chaos);
-scenario!(blinger_down);
-scenario!(hostile);
-scenario!(path_injection);
-scenario!(wrong_token);
-scenario!(secrets);
-scenario!(disk);
-scenario!(shutdown);
-scenario!(probe_expiry);
-scenario!(forbidden_conversation);
-scenario!(huge_conversation);
+test_support::for_each_scenario!(tests);

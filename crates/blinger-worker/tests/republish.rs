@@ -84,19 +84,12 @@ async fn every_republish_is_judged_by_its_own_confirm() {
     // What was confirmed is in the queue, and nothing else.
     let count = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let q = admin
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+            let ready = blinger_worker::broker::topology::ready_count(&admin, &queue)
                 .await
-                .unwrap();
-            if q.message_count() >= routed {
-                return q.message_count();
+                .unwrap()
+                .expect("the queue exists");
+            if ready >= routed {
+                return ready;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

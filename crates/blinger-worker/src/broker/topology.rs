@@ -29,6 +29,32 @@ use lapin::{Channel, Connection, ExchangeKind};
 use crate::config::{AmqpSettings, QueueType};
 use crate::engine::retry::tier_queue_name;
 
+/// Messages ready in `queue` (unacknowledged ones not counted), read by a passive declare:
+/// `None` when the queue does not exist, in which case the broker has closed `channel`.
+/// The one depth reading of the worker (`dlq`), its tests and its benchmarks.
+pub async fn ready_count(channel: &Channel, queue: &str) -> Result<Option<u32>, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => Ok(Some(q.message_count())),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the broker answered 404 NOT_FOUND (a passive declare of something missing).
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err) if err.get_id() == 404)
+}
+
 /// Names of the queues the worker uses, derived once from the settings.
 #[derive(Debug, Clone)]
 pub struct Topology {

@@ -41,7 +41,6 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer, ExchangeKind, PublisherConfirm};
@@ -51,6 +50,7 @@ use serde_json::Value;
 use super::{
     ConfirmError, Link, clip, escape_json, escape_text, human_age, judge, progress, table,
 };
+use crate::broker::topology::{self, is_not_found};
 use crate::broker::{self, AmqpError, headers};
 use crate::config::{AmqpSettings, QueueType, parse_duration};
 
@@ -581,27 +581,12 @@ impl Scan {
 
 /// Messages ready in the dead-letter queue; a clear error when it does not exist.
 async fn ready_count(channel: &Channel, queue: &str) -> Result<u32, DlqError> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(q) => Ok(q.message_count()),
-        Err(e) if is_not_found(&e) => Err(DlqError::NoQueue {
+    topology::ready_count(channel, queue)
+        .await
+        .map_err(AmqpError::Channel)?
+        .ok_or_else(|| DlqError::NoQueue {
             queue: queue.to_owned(),
-        }),
-        Err(e) => Err(AmqpError::Channel(e).into()),
-    }
-}
-
-fn is_not_found(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err) if err.get_id() == 404)
+        })
 }
 
 fn write_out(text: &str) -> Result<(), DlqError> {

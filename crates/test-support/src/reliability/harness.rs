@@ -12,24 +12,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use blinger_sandbox::{Sandbox, SandboxConfig};
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use blinger_worker::broker::Topology;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 
 use super::Ctx;
+use crate::amqp::{self, Broker};
 
-/// The token the sandbox accepts in every world (scenarios about secrets use their own).
-pub const TOKEN: &str = "rel-token-6c1d9e";
-
-/// The integration tests' harness, for its broker: `AMQP_URL`, else a testcontainers RabbitMQ
-/// where Docker works, else a clear failure.
-use crate as common;
-
-/// The shared broker (the scenarios that stop a broker or add users run a private node).
-pub use common::{Broker as SharedBroker, broker as shared_broker};
+pub use crate::TOKEN;
+pub use crate::amqp::{DeadLetter, Msg, Names, Publisher};
+pub use crate::poll::until;
 
 /// A free TCP port on 127.0.0.1 (bound and released: good enough for a test).
 pub fn free_port() -> u16 {
@@ -39,153 +31,11 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Queue and exchange names unique to one run of one scenario (`t.<scenario>.<tag>`).
-pub use common::Names;
-
-/// A body to publish and the routing key to publish it with.
-#[derive(Debug, Clone)]
-pub struct Msg {
-    pub routing_key: String,
-    pub body: Vec<u8>,
-    /// Properties to publish with instead of the defaults (persistent JSON); the timestamp is
-    /// set either way.
-    pub properties: Option<BasicProperties>,
-}
-
-/// A dead-lettered message.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub body: Vec<u8>,
-    pub headers: BTreeMap<String, String>,
-}
-
-impl DeadLetter {
-    pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(String::as_str).unwrap_or("")
-    }
-    /// The job id, when the body is JSON with a string `id`.
-    pub fn job_id(&self) -> Option<uuid::Uuid> {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        uuid::Uuid::parse_str(v.get("id")?.as_str()?).ok()
-    }
-}
-
-/// A publisher connection in confirm mode on one exchange.
-pub struct Publisher {
-    url: String,
-    exchange: String,
-    conn: Option<Connection>,
-    channel: Option<Channel>,
-    /// Publishes that had to be repeated because the broker went away mid-batch.
-    pub republished: u64,
-}
-
-impl Publisher {
-    pub fn new(url: &str, exchange: &str) -> Publisher {
-        Publisher {
-            url: url.to_owned(),
-            exchange: exchange.to_owned(),
-            conn: None,
-            channel: None,
-            republished: 0,
-        }
-    }
-
-    /// (Re)opens the publisher connection, retrying until `patience` runs out.
-    pub async fn reconnect(&mut self, patience: Duration) {
-        let deadline = Instant::now() + patience;
-        loop {
-            match Connection::connect(&self.url, ConnectionProperties::default()).await {
-                Ok(conn) => {
-                    let channel = conn.create_channel().await.expect("channel");
-                    channel
-                        .confirm_select(ConfirmSelectOptions::default())
-                        .await
-                        .expect("confirm mode");
-                    self.conn = Some(conn);
-                    self.channel = Some(channel);
-                    return;
-                }
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("cannot reach RabbitMQ for the test publisher: {e}"),
-            }
-        }
-    }
-
-    fn channel(&self) -> &Channel {
-        self.channel.as_ref().expect("publisher connected")
-    }
-
-    /// Publishes like a publisher: persistent, JSON, timestamped, confirmed; many in flight.
-    /// If the broker goes away mid-batch, reconnects and republishes the unconfirmed rest
-    /// (at-least-once publishing, as a careful publisher does).
-    pub async fn publish(&mut self, msgs: &[Msg]) {
-        const WINDOW: usize = 256;
-        let mut start = 0;
-        while start < msgs.len() {
-            let end = (start + WINDOW).min(msgs.len());
-            match self.publish_window(&msgs[start..end]).await {
-                Ok(()) => start = end,
-                Err(e) => {
-                    self.republished += (end - start) as u64;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    self.reconnect(Duration::from_secs(180)).await;
-                }
-            }
-        }
-    }
-
-    async fn publish_window(&self, msgs: &[Msg]) -> Result<(), String> {
-        let channel = self.channel();
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let mut confirms = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let props = m
-                .properties
-                .clone()
-                .unwrap_or_else(|| {
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2)
-                })
-                .with_timestamp(now);
-            let confirm = channel
-                .basic_publish(
-                    self.exchange.as_str().into(),
-                    m.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &m.body,
-                    props,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            confirms.push(confirm);
-        }
-        for c in confirms {
-            let confirmation = tokio::time::timeout(Duration::from_secs(30), c)
-                .await
-                .map_err(|_| "confirm timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
-            if !confirmation.is_ack() {
-                return Err("broker nacked a publish".into());
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Everything one scenario runs against.
 pub struct World {
     pub scenario: String,
     pub amqp_url: String,
-    _shared: Option<SharedBroker>,
+    _shared: Option<Broker>,
     pub names: Names,
     /// `BLINGER_WORKER_RETRY_DELAYS` of this world's workers.
     pub delays: String,
@@ -200,9 +50,9 @@ pub struct World {
 }
 
 impl World {
-    /// A world on the shared broker.
+    /// A world on the shared broker (`AMQP_URL`, else testcontainers, else a clear failure).
     pub async fn new(ctx: &Ctx, scenario: &str, delays: &str) -> World {
-        let shared = shared_broker().await;
+        let shared = amqp::broker().await;
         let url = shared.url.clone();
         World::on(ctx, scenario, delays, url, Some(shared)).await
     }
@@ -213,7 +63,7 @@ impl World {
         scenario: &str,
         delays: &str,
         amqp_url: String,
-        shared: Option<SharedBroker>,
+        shared: Option<Broker>,
     ) -> World {
         let sandbox = Sandbox::start(
             "127.0.0.1:0".parse().unwrap(),
@@ -229,9 +79,9 @@ impl World {
         let log_dir = ctx.out_dir.join(ctx.profile.as_str()).join(&names.queue);
         std::fs::create_dir_all(&log_dir).expect("log directory");
         let data_tmp = tempfile::tempdir().expect("data directory");
-        let amqp_url_copy = amqp_url.clone();
-        let exchange = names.exchange.clone();
-        let mut world = World {
+        let publisher =
+            Publisher::connect(&amqp_url, &names.exchange, Duration::from_secs(30)).await;
+        World {
             scenario: scenario.to_owned(),
             amqp_url,
             _shared: shared,
@@ -242,12 +92,10 @@ impl World {
             _data_tmp: Some(data_tmp),
             log_dir,
             metrics_port: free_port(),
-            publisher: Publisher::new(&amqp_url_copy, &exchange),
+            publisher,
             workers_started: 0,
             bin: ctx.bin.clone(),
-        };
-        world.publisher.reconnect(Duration::from_secs(30)).await;
-        world
+        }
     }
 
     /// Publishes through the world's publisher (see [`Publisher::publish`]).
@@ -257,31 +105,22 @@ impl World {
 
     /// Another publisher on this world's exchange (for publishing from a task).
     pub async fn new_publisher(&self) -> Publisher {
-        let mut p = Publisher::new(&self.amqp_url, &self.names.exchange);
-        p.reconnect(Duration::from_secs(30)).await;
-        p
+        Publisher::connect(
+            &self.amqp_url,
+            &self.names.exchange,
+            Duration::from_secs(30),
+        )
+        .await
     }
 
-    /// A fresh channel for one inspection (a failed passive declare closes its channel).
-    async fn inspect_channel(&self) -> Channel {
-        self.publisher
-            .conn
-            .as_ref()
-            .expect("connected")
-            .create_channel()
-            .await
-            .expect("inspection channel")
+    /// The worker's topology for this world: queue names, the delay tiers by the worker's rule.
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.names.amqp_settings(&self.amqp_url, &self.delays))
     }
 
     /// The retry tier queue names of this world.
     pub fn tier_queues(&self) -> Vec<String> {
-        self.delays
-            .split(',')
-            .map(|d| {
-                let d = humantime::parse_duration(d.trim()).expect("delay");
-                blinger_worker::engine::retry::tier_queue_name(&self.names.queue, d)
-            })
-            .collect()
+        self.topology().tiers
     }
 
     /// Uses `dir` as the data directory instead of the temporary one (a tmpfs, say).
@@ -338,62 +177,30 @@ impl World {
 
     /// Declares the topology the way the worker does (so jobs can be published before it runs).
     pub async fn declare(&self) {
-        let settings = self.settings();
-        let topology = blinger_worker::broker::Topology::new(&settings);
-        blinger_worker::broker::topology::declare(self.publisher.channel(), &settings, &topology)
-            .await
-            .expect("topology declared");
-    }
-
-    fn settings(&self) -> blinger_worker::config::AmqpSettings {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            amqp: blinger_worker::config::AmqpSettings,
-        }
-        Cli::try_parse_from([
-            "x",
-            "--amqp-url",
-            &self.amqp_url,
-            "--exchange",
-            &self.names.exchange,
-            "--queue",
-            &self.names.queue,
-            "--dead-letter-queue",
-            &self.names.dead,
-            "--receipts-exchange",
-            &self.names.events,
-            "--retry-delays",
-            &self.delays,
-        ])
-        .expect("settings")
-        .amqp
+        let settings = self.names.amqp_settings(&self.amqp_url, &self.delays);
+        blinger_worker::broker::topology::declare(
+            self.publisher.channel(),
+            &settings,
+            &Topology::new(&settings),
+        )
+        .await
+        .expect("topology declared");
     }
 
     /// Messages ready in `queue` (unacked ones are not counted); `None` if it does not exist.
     pub async fn ready(&self, queue: &str) -> Option<u32> {
-        let ch = self.inspect_channel().await;
-        let r = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()
-            .map(|q| q.message_count());
-        let _ = ch.close(200, "ok".into()).await;
-        r
+        amqp::ready(self.publisher.connection(), queue).await
     }
 
     /// Declares a classic queue outside the worker's topology (a target a hostile message may
     /// try to reach); deleted by [`World::delete_queue`].
     pub async fn declare_queue(&self, queue: &str) {
-        let ch = self.inspect_channel().await;
+        let ch = self
+            .publisher
+            .connection()
+            .create_channel()
+            .await
+            .expect("channel");
         ch.queue_declare(
             queue.into(),
             QueueDeclareOptions::default(),
@@ -405,11 +212,7 @@ impl World {
     }
 
     pub async fn delete_queue(&self, queue: &str) {
-        let ch = self.inspect_channel().await;
-        let _ = ch
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
-        let _ = ch.close(200, "ok".into()).await;
+        amqp::delete_all(self.publisher.connection(), &[queue.to_owned()], &[]).await;
     }
 
     /// Ready messages in the work queue and every delay tier.
@@ -428,74 +231,28 @@ impl World {
 
     /// Takes every message now ready in `queue` (acknowledged: they are gone).
     pub async fn take_all(&self, queue: &str) -> Vec<DeadLetter> {
-        let ch = self.inspect_channel().await;
-        let mut out = Vec::new();
-        while let Ok(Some(msg)) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        let ch = self
+            .publisher
+            .connection()
+            .create_channel()
             .await
-        {
-            let mut headers = BTreeMap::new();
-            if let Some(table) = msg.delivery.properties.headers() {
-                for (k, v) in table.inner() {
-                    let value = match v {
-                        AMQPValue::LongString(s) => {
-                            String::from_utf8_lossy(s.as_bytes()).into_owned()
-                        }
-                        AMQPValue::LongLongInt(i) => i.to_string(),
-                        AMQPValue::LongInt(i) => i.to_string(),
-                        other => format!("{other:?}"),
-                    };
-                    headers.insert(k.as_str().to_owned(), value);
-                }
-            }
-            out.push(DeadLetter {
-                body: msg.delivery.data.clone(),
-                headers,
-            });
-        }
+            .expect("inspection channel");
+        let out = amqp::take(&ch, queue, usize::MAX, Duration::ZERO).await;
         let _ = ch.close(200, "ok".into()).await;
         out
     }
 
     /// Opens the worker's store (the worker must have exited).
     pub async fn open_store(&self) -> blinger_worker::store::Store {
-        let mut last = None;
-        for _ in 0..100 {
-            match blinger_worker::store::Store::open(&self.data_dir) {
-                Ok(store) => return store,
-                Err(e) => last = Some(e),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("store still locked: {last:?}");
+        amqp::open_store(&self.data_dir).await
     }
 
     /// Deletes this world's queues and exchanges and stops the sandbox.
     pub async fn cleanup(mut self) {
-        if self
-            .publisher
-            .conn
-            .as_ref()
-            .is_none_or(|c| !c.status().connected())
-        {
-            self.publisher.reconnect(Duration::from_secs(10)).await;
-        }
-        let ch = self.inspect_channel().await;
-        let mut queues = vec![self.names.queue.clone(), self.names.dead.clone()];
-        queues.extend(self.tier_queues());
-        for q in queues {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [&self.names.exchange, &self.names.events] {
-            let _ = ch
-                .exchange_delete(x.as_str().into(), Default::default())
-                .await;
-        }
-        if let Some(conn) = self.publisher.conn.take() {
-            let _ = conn.close(200, "bye".into()).await;
-        }
+        let queues = amqp::queues_of(&self.topology());
+        let conn = self.publisher.conn().await;
+        amqp::delete_all(conn, &queues, &[&self.names.exchange, &self.names.events]).await;
+        self.publisher.close().await;
         self.sandbox.shutdown().await;
     }
 }
@@ -688,24 +445,6 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         }
     }
     total
-}
-
-/// Polls `check` every 50 ms until it holds or `timeout` passes; returns the time it took.
-pub async fn until<F, Fut>(timeout: Duration, mut check: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() >= timeout {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Accepted (HTTP 200) requests the sandbox recorded so far.

@@ -368,6 +368,11 @@ impl Analysis {
             .unwrap_or(0)
     }
 
+    /// Nothing created twice, resent by uuid, or called a second time.
+    pub fn sent_once(&self) -> bool {
+        self.created_twice == 0 && self.uuid_resends == 0 && self.second_calls == 0
+    }
+
     /// One-line summary of duplicates.
     pub fn duplicates_text(&self) -> String {
         format!(

@@ -33,7 +33,7 @@ pub mod scenarios;
 use std::path::PathBuf;
 
 /// How big and long each scenario is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
     /// CI: every scenario in well under a minute.
     Short,

@@ -7,6 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::Ctx;
+use super::harness::DeadLetter;
+use super::jobs::Analysis;
+use super::scenarios::Outcome;
 
 /// One promise checked by a scenario.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +70,43 @@ impl Figures {
         });
     }
 
+    /// The counts every run reports, from what it left behind: published, delivered, lost,
+    /// duplicates, dead letters by reason, order violations. A scenario overrides what it
+    /// describes differently.
+    pub fn outcome(&mut self, published: usize, out: &Outcome) {
+        let a = &out.analysis;
+        self.published = published as u64;
+        self.delivered = a.delivered as u64;
+        self.lost = a.lost.len() as u64;
+        self.duplicated = a.duplicates_text();
+        self.dead_lettered = dead_summary(&out.dead);
+        self.order = format!("{} violations", a.order_violations);
+    }
+
+    /// Nothing created twice, resent by uuid, or called a second time (keyless kinds).
+    pub fn check_sent_once(&mut self, what: &str, a: &Analysis) {
+        self.check(what, a.sent_once(), a.duplicates_text());
+    }
+
+    pub fn check_no_dead_letters(&mut self, dead: &[DeadLetter]) {
+        self.check("nothing dead-lettered", dead.is_empty(), dead_summary(dead));
+    }
+
+    /// The work queue and every delay tier empty after the run.
+    pub fn check_drained(&mut self, backlog: u32) {
+        self.check("queues empty at the end", backlog == 0, backlog);
+    }
+
+    /// Every worker exit was a success (`None`: it did not exit in time).
+    pub fn check_exits(&mut self, what: &str, exits: &[Option<std::process::ExitStatus>]) {
+        let shown: Vec<String> = exits.iter().map(|e| format!("{e:?}")).collect();
+        self.check(
+            what,
+            exits.iter().all(|e| e.is_some_and(|s| s.success())),
+            shown.join(" "),
+        );
+    }
+
     pub fn failed(&self) -> Vec<&Check> {
         self.checks.iter().filter(|c| !c.ok).collect()
     }
@@ -106,6 +146,26 @@ impl Figures {
                 .join("; ")
         );
     }
+}
+
+/// Dead letters by `x-blinger-reason`, as "N reason, ...", or "0".
+pub fn dead_summary(dead: &[DeadLetter]) -> String {
+    if dead.is_empty() {
+        return "0".into();
+    }
+    let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+    for d in dead {
+        let reason = match d.header("x-blinger-reason") {
+            "" if d.headers.contains_key("x-death") => "broker delivery limit (x-death)",
+            "" => "no reason header",
+            r => r,
+        };
+        *by.entry(reason.to_owned()).or_default() += 1;
+    }
+    by.iter()
+        .map(|(r, n)| format!("{n} {r}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Without terminal colour codes and line breaks (log excerpts end up in tables and lists).

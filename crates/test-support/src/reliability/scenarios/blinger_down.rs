@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use super::{Expect, Progress, conclude, dead_summary};
+use super::{Expect, Progress, conclude, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, metric_sum, secs};
 use crate::reliability::jobs::Plan;
@@ -89,12 +89,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let out = conclude(&world, &plan, &[]).await;
     let a = &out.analysis;
 
-    f.published = n as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
-    f.dead_lettered = dead_summary(&out.dead);
-    f.order = format!("{} violations", a.order_violations);
+    f.outcome(n, &out);
     f.recovery = format!(
         "backlog of {} jobs drained {} after Blinger came back",
         expect.total() - at_recovery,
@@ -139,29 +134,15 @@ pub async fn run(ctx: &Ctx) -> Figures {
     f.detail("requests by outcome", format!("{:?}", a.by_outcome));
 
     f.check("no job lost", a.lost.is_empty(), a.lost.len());
-    f.check(
-        "nothing dead-lettered",
-        out.dead.is_empty(),
-        dead_summary(&out.dead),
-    );
+    f.check_no_dead_letters(&out.dead);
     f.check(
         "backlog drained",
         drained.is_some() && a.delivered == n,
         format!("{} of {n}", a.delivered),
     );
-    f.check(
-        "nothing sent twice",
-        a.created_twice == 0 && a.uuid_resends == 0 && a.second_calls == 0,
-        a.duplicates_text(),
-    );
+    f.check_sent_once("nothing sent twice", a);
     f.check("order kept", a.order_violations == 0, a.order_violations);
-    f.check("queues empty at the end", out.backlog == 0, out.backlog);
-    f.check(
-        "exit 0",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_drained(out.backlog);
+    f.check_exits("exit 0", &[exit]);
+    finish(world, f, started).await
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Mutex;
 
-use super::{Expect, Progress, conclude, dead_summary, mean_max};
+use super::{Expect, Progress, conclude, mean_max};
 use crate::reliability::Ctx;
 use crate::reliability::broker::PrivateBroker;
 use crate::reliability::harness::{World, secs};
@@ -154,11 +154,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         }
     }
 
-    f.published = n as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
-    f.dead_lettered = dead_summary(&out.dead);
+    f.outcome(n, &out);
     f.order = format!(
         "{} violations ({} across a restart)",
         a.order_violations, a.order_violations_across_restart
@@ -191,16 +187,8 @@ pub async fn run(ctx: &Ctx) -> Figures {
         a.lost.is_empty(),
         format!("{} lost", a.lost.len()),
     );
-    f.check(
-        "nothing sent twice",
-        a.created_twice == 0 && a.uuid_resends == 0 && a.second_calls == 0,
-        a.duplicates_text(),
-    );
-    f.check(
-        "nothing dead-lettered",
-        out.dead.is_empty(),
-        dead_summary(&out.dead),
-    );
+    f.check_sent_once("nothing sent twice", a);
+    f.check_no_dead_letters(&out.dead);
     f.check(
         "reconnected by itself after each restart",
         reconnect.len() == 2 && reconnect.iter().all(|d| *d < Duration::from_secs(120)),
@@ -221,12 +209,8 @@ pub async fn run(ctx: &Ctx) -> Figures {
         a.order_violations == a.order_violations_across_restart,
         a.order_violations,
     );
-    f.check("queues empty at the end", out.backlog == 0, out.backlog);
-    f.check(
-        "exit 0 on SIGTERM",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
+    f.check_drained(out.backlog);
+    f.check_exits("exit 0 on SIGTERM", &[exit]);
     world.cleanup().await;
     broker.stop().await;
     f.set_elapsed(started.elapsed());

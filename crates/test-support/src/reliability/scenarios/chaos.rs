@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use super::{Expect, Progress, conclude, dead_summary};
+use super::{Expect, Progress, conclude, dead_summary, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, secs};
 use crate::reliability::jobs::Plan;
@@ -112,12 +112,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let parked =
         crate::reliability::harness::metric_sum(&metrics, "blinger_worker_jobs_retried_total", &[]);
 
-    f.published = (n + n2) as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
-    f.dead_lettered = dead_summary(&out.dead);
-    f.order = format!("{} violations", a.order_violations);
+    f.outcome(n + n2, &out);
     f.recovery = format!(
         "all delivered in {} (with 429s), {} (without)",
         took.map_or("(timeout)".into(), secs),
@@ -162,7 +157,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     f.check("no job lost", a.lost.is_empty(), a.lost.len());
     f.check(
         "every job delivered exactly once",
-        a.delivered == n + n2 && a.created_twice == 0 && a.uuid_resends == 0 && a.second_calls == 0,
+        a.delivered == n + n2 && a.sent_once(),
         a.duplicates_text(),
     );
     f.check(
@@ -192,13 +187,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         ),
     );
     f.check("order kept", a.order_violations == 0, a.order_violations);
-    f.check("queues empty at the end", out.backlog == 0, out.backlog);
-    f.check(
-        "exit 0",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_drained(out.backlog);
+    f.check_exits("exit 0", &[exit]);
+    finish(world, f, started).await
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Expect, Progress, conclude, dead_summary, mean_max};
+use super::{Expect, Progress, conclude, dead_summary, finish, mean_max};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, secs};
 use crate::reliability::jobs::Plan;
@@ -108,9 +108,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         }
     }
 
-    f.published = n as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
+    f.outcome(n, &out);
     f.duplicated = format!(
         "{} created twice; {} text/file resends (recognised by uuid); {} request-review/assign-agent second calls, max {} per kill",
         a.created_twice,
@@ -178,11 +176,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         a.created_twice == 0,
         a.created_twice,
     );
-    f.check(
-        "nothing dead-lettered",
-        out.dead.is_empty(),
-        dead_summary(&out.dead),
-    );
+    f.check_no_dead_letters(&out.dead);
     f.check(
         "request-review/assign-agent second calls ≤ 1 per kill (BLINGER_WORKER_KEYLESS_CONCURRENCY 1, the default)",
         a.max_second_calls_per_kill() <= 1,
@@ -201,18 +195,12 @@ pub async fn run(ctx: &Ctx) -> Figures {
         a.unrecorded.is_empty(),
         format!("{} without", a.unrecorded.len()),
     );
-    f.check("queues empty at the end", out.backlog == 0, out.backlog);
+    f.check_drained(out.backlog);
     f.check(
         "every restart became ready",
         missed_ready == 0,
         format!("{missed_ready} did not"),
     );
-    f.check(
-        "final SIGTERM exits 0",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_exits("final SIGTERM exits 0", &[exit]);
+    finish(world, f, started).await
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use blinger_worker::contract::job::Kind;
 
-use super::{Expect, Progress, conclude, dead_summary};
+use super::{Expect, Progress, conclude, dead_summary, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{Msg, World, free_port, secs};
 use crate::reliability::jobs::Plan;
@@ -344,9 +344,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
                 format!("{e}"),
             );
             drop(fs);
-            world.cleanup().await;
-            f.set_elapsed(started.elapsed());
-            return f;
+            return finish(world, f, started).await;
         }
     };
     let mut acked = 0;
@@ -376,9 +374,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let a = &out.analysis;
     drop(fs);
 
-    f.published = plan.len() as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
+    f.outcome(plan.len(), &out);
     f.duplicated = format!(
         "{}; max per kill {}",
         a.duplicates_text(),
@@ -483,17 +479,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         a.created_twice == 0,
         a.created_twice,
     );
-    f.check(
-        "nothing dead-lettered",
-        out.dead.is_empty(),
-        dead_summary(&out.dead),
-    );
-    f.check(
-        "exit 0 at the end",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_no_dead_letters(&out.dead);
+    f.check_exits("exit 0 at the end", &[exit]);
+    finish(world, f, started).await
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use blinger_worker::contract::job::Kind;
 use uuid::Uuid;
 
-use super::{Expect, Progress, Samples, conclude, dead_summary};
+use super::{Expect, Progress, Samples, conclude, dead_summary, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, secs};
 use crate::reliability::jobs::Plan;
@@ -198,10 +198,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let stretches = samples.paused_stretches();
     let longest = stretches.iter().max().copied();
 
-    f.published = plan.len() as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
+    f.outcome(plan.len(), &out);
     f.dead_lettered = format!(
         "{} ({rejected_403} of the {forbidden_jobs} forbidden jobs rejected with status 403)",
         dead_summary(&out.dead)
@@ -310,23 +307,13 @@ pub async fn run(ctx: &Ctx) -> Figures {
         paused_end == Some(0.0) && ready_end == Some(200),
         format!("{paused_end:?}, {ready_end:?}"),
     );
-    f.check(
-        "nothing sent twice",
-        a.created_twice == 0 && a.uuid_resends == 0 && a.second_calls == 0,
-        a.duplicates_text(),
-    );
+    f.check_sent_once("nothing sent twice", a);
     f.check(
         "order kept per conversation",
         a.order_violations == 0,
         a.order_violations,
     );
-    f.check("queues empty at the end", out.backlog == 0, out.backlog);
-    f.check(
-        "exit 0",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_drained(out.backlog);
+    f.check_exits("exit 0", &[exit]);
+    finish(world, f, started).await
 }

@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use super::{Expect, Progress, conclude};
+use super::{Expect, Progress, conclude, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{Msg, World, metric_sum, secs};
 use crate::reliability::jobs::Plan;
@@ -399,7 +399,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         a.dead_lettered == 0,
         a.dead_lettered,
     );
-    f.check("queues empty at the end", out.backlog == 0, out.backlog);
+    f.check_drained(out.backlog);
     f.check(
         "no copy in any other queue (CC/BCC)",
         side_copies == 0,
@@ -410,13 +410,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         received as usize == bad_n + valid_n,
         format!("{received} received of {} published", bad_n + valid_n),
     );
-    f.check(
-        "exit 0",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
+    f.check_exits("exit 0", &[exit]);
     world.delete_queue(&side_queue).await;
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    finish(world, f, started).await
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use blinger_worker::contract::job::Kind;
 use uuid::Uuid;
 
-use super::{Expect, Progress, conclude, dead_summary};
+use super::{Expect, Progress, conclude, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, secs};
 use crate::reliability::jobs::Plan;
@@ -113,12 +113,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let a = &out.analysis;
     let small_total = expect_small.total();
 
-    f.published = plan.len() as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
-    f.dead_lettered = dead_summary(&out.dead);
-    f.order = format!("{} violations", a.order_violations);
+    f.outcome(plan.len(), &out);
     f.recovery = format!(
         "from the end of publishing: small conversations all delivered in {}, the big one \
          drained in {}",
@@ -165,23 +160,9 @@ pub async fn run(ctx: &Ctx) -> Figures {
         a.order_violations == 0,
         a.order_violations,
     );
-    f.check(
-        "nothing sent twice",
-        a.created_twice == 0 && a.uuid_resends == 0 && a.second_calls == 0,
-        a.duplicates_text(),
-    );
-    f.check(
-        "nothing dead-lettered",
-        out.dead.is_empty(),
-        dead_summary(&out.dead),
-    );
-    f.check("queues empty at the end", out.backlog == 0, out.backlog);
-    f.check(
-        "exit 0",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_sent_once("nothing sent twice", a);
+    f.check_no_dead_letters(&out.dead);
+    f.check_drained(out.backlog);
+    f.check_exits("exit 0", &[exit]);
+    finish(world, f, started).await
 }

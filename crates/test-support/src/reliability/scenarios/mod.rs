@@ -1,19 +1,48 @@
 //! The ten scenarios of issue 3, the three of issue 11 (11 to 13), and what they share: following delivery progress, and
 //! concluding a run (dead-letter queue, store, analysis).
 
-pub mod blinger_down;
-pub mod broker_restart;
-pub mod chaos;
-pub mod crash;
-pub mod disk;
-pub mod forbidden_conversation;
-pub mod hostile;
-pub mod huge_conversation;
-pub mod path_injection;
-pub mod probe_expiry;
-pub mod secrets;
-pub mod shutdown;
-pub mod wrong_token;
+/// Calls `$then!` with every scenario's name, in the order the full profile runs them. The one
+/// list of scenarios: it declares their modules, [`NAMES`] and [`run`] here, and the tests of
+/// `crates/blinger-worker/tests/reliability.rs`.
+#[macro_export]
+macro_rules! for_each_scenario {
+    ($then:ident) => {
+        $then!(
+            crash,
+            broker_restart,
+            chaos,
+            blinger_down,
+            hostile,
+            path_injection,
+            wrong_token,
+            secrets,
+            disk,
+            shutdown,
+            probe_expiry,
+            forbidden_conversation,
+            huge_conversation
+        );
+    };
+}
+
+macro_rules! index {
+    ($($name:ident),*) => {
+        $(pub mod $name;)*
+
+        /// Every scenario's name, in running order (`--only` takes these).
+        pub const NAMES: &[&str] = &[$(stringify!($name)),*];
+
+        /// Runs the scenario called `name`; `None` if there is no such scenario.
+        pub async fn run(name: &str, ctx: &Ctx) -> Option<Figures> {
+            match name {
+                $(stringify!($name) => Some($name::run(ctx).await),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+for_each_scenario!(index);
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,8 +51,11 @@ use blinger_sandbox::{Endpoint, Sandbox};
 use blinger_worker::contract::job::Kind;
 use uuid::Uuid;
 
+use super::Ctx;
 use super::harness::{DeadLetter, World};
 use super::jobs::{Analysis, Plan};
+use super::report::Figures;
+pub use super::report::dead_summary;
 
 /// Which jobs must reach the sandbox.
 #[derive(Debug, Clone, Default)]
@@ -192,6 +224,14 @@ pub struct Outcome {
     pub backlog: u32,
 }
 
+/// Ends a scenario: deletes its world (queues, exchanges, the sandbox) and stamps the time it
+/// took since `started`.
+pub async fn finish(world: World, mut f: Figures, started: Instant) -> Figures {
+    world.cleanup().await;
+    f.set_elapsed(started.elapsed());
+    f
+}
+
 /// After the last worker exited: takes the dead letters, reads the store, analyses the records.
 pub async fn conclude(world: &World, plan: &Plan, boundaries: &[SystemTime]) -> Outcome {
     let backlog = world.backlog().await;
@@ -206,26 +246,6 @@ pub async fn conclude(world: &World, plan: &Plan, boundaries: &[SystemTime]) -> 
         dead,
         backlog,
     }
-}
-
-/// Dead letters by `x-blinger-reason`, as "N reason, ...", or "0".
-pub fn dead_summary(dead: &[DeadLetter]) -> String {
-    if dead.is_empty() {
-        return "0".into();
-    }
-    let mut by: std::collections::BTreeMap<String, usize> = Default::default();
-    for d in dead {
-        let reason = match d.header("x-blinger-reason") {
-            "" if d.headers.contains_key("x-death") => "broker delivery limit (x-death)",
-            "" => "no reason header",
-            r => r,
-        };
-        *by.entry(reason.to_owned()).or_default() += 1;
-    }
-    by.iter()
-        .map(|(r, n)| format!("{n} {r}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Arrival time of a recorded request.

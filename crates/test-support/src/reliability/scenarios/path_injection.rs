@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use blinger_sandbox::Endpoint;
 use blinger_worker::contract::job::Kind;
 
-use super::{Expect, Progress, conclude, dead_summary};
+use super::{Expect, Progress, conclude, dead_summary, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::World;
 use crate::reliability::jobs::Plan;
@@ -191,10 +191,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         })
         .count();
 
-    f.published = (plan.len() + refused_plan.len()) as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
+    f.outcome(plan.len() + refused_plan.len(), &out);
     f.dead_lettered = format!(
         "{} ({} refused ids, reason invalid)",
         dead_summary(&out.dead),
@@ -245,12 +242,6 @@ pub async fn run(ctx: &Ctx) -> Figures {
         refused_dead == refused_plan.len() && out.dead.len() == refused_plan.len(),
         format!("{refused_dead} of {}", refused_plan.len()),
     );
-    f.check(
-        "exit 0",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_exits("exit 0", &[exit]);
+    finish(world, f, started).await
 }

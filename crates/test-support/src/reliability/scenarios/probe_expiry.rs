@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use blinger_worker::contract::job::Kind;
 use uuid::Uuid;
 
-use super::{Expect, Progress, Samples, arrival, conclude, dead_summary};
+use super::{Expect, Progress, Samples, arrival, conclude, dead_summary, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{TOKEN, World, secs};
 use crate::reliability::jobs::Plan;
@@ -184,12 +184,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let others_delivered = a.delivered - usize::from(probe_accepted);
     let lost_others: Vec<&Uuid> = a.lost.iter().filter(|u| **u != probe_id).collect();
 
-    f.published = plan.len() as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
-    f.dead_lettered = dead_summary(&out.dead);
-    f.order = format!("{} violations", a.order_violations);
+    f.outcome(plan.len(), &out);
     f.recovery = format!(
         "expiry → another job probes {}; token fixed → first delivery {}, → all {}",
         takeover.map_or("never".into(), |t| secs(
@@ -293,11 +288,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
             lost_others.len()
         ),
     );
-    f.check(
-        "nothing sent twice",
-        a.created_twice == 0 && a.uuid_resends == 0 && a.second_calls == 0,
-        a.duplicates_text(),
-    );
+    f.check_sent_once("nothing sent twice", a);
     f.check(
         "order kept per conversation",
         a.order_violations == 0,
@@ -312,12 +303,6 @@ pub async fn run(ctx: &Ctx) -> Figures {
             samples.healthz.len()
         ),
     );
-    f.check(
-        "exit 0",
-        exit.is_some_and(|s| s.success()),
-        format!("{exit:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_exits("exit 0", &[exit]);
+    finish(world, f, started).await
 }

@@ -292,11 +292,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         reconnected && paused && resumed && paused2,
         format!("{reconnected} {paused} {resumed} {paused2}"),
     );
-    f.check(
-        "exit 0",
-        exit1.is_some_and(|s| s.success()) && exit2.is_some_and(|s| s.success()),
-        format!("{exit1:?} {exit2:?}"),
-    );
+    f.check_exits("exit 0", &[exit1, exit2]);
     world.cleanup().await;
     broker.stop().await;
     f.set_elapsed(started.elapsed());

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Expect, Progress, conclude, dead_summary};
+use super::{Expect, Progress, conclude, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, secs};
 use crate::reliability::jobs::Plan;
@@ -155,12 +155,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let out = conclude(&world, &plan, &boundaries).await;
     let a = &out.analysis;
 
-    f.published = plan.len() as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
-    f.dead_lettered = dead_summary(&out.dead);
-    f.order = format!("{} violations", a.order_violations);
+    f.outcome(plan.len(), &out);
     f.recovery = format!(
         "SIGTERM → exit: round 1 {} (grace {grace} s), round 2 {} (grace 1 s); restart → rest \
          delivered {}",
@@ -200,23 +195,9 @@ pub async fn run(ctx: &Ctx) -> Figures {
         nothing_lost_at_stop,
     );
     f.check("no job lost", a.lost.is_empty(), a.lost.len());
-    f.check(
-        "nothing sent twice after restart",
-        a.created_twice == 0 && a.uuid_resends == 0 && a.second_calls == 0,
-        a.duplicates_text(),
-    );
-    f.check(
-        "nothing dead-lettered",
-        out.dead.is_empty(),
-        dead_summary(&out.dead),
-    );
-    f.check("queues empty at the end", out.backlog == 0, out.backlog);
-    f.check(
-        "last exit 0",
-        exit_last.is_some_and(|s| s.success()),
-        format!("{exit_last:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_sent_once("nothing sent twice after restart", a);
+    f.check_no_dead_letters(&out.dead);
+    f.check_drained(out.backlog);
+    f.check_exits("last exit 0", &[exit_last]);
+    finish(world, f, started).await
 }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use super::{Expect, Progress, conclude, dead_summary};
+use super::{Expect, Progress, conclude, dead_summary, finish};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{TOKEN, World, metric_sum, secs};
 use crate::reliability::jobs::Plan;
@@ -107,12 +107,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let out = conclude(&world, &both, &[]).await;
     let a = &out.analysis;
 
-    f.published = both.len() as u64;
-    f.delivered = a.delivered as u64;
-    f.lost = a.lost.len() as u64;
-    f.duplicated = a.duplicates_text();
-    f.dead_lettered = dead_summary(&out.dead);
-    f.order = format!("{} violations", a.order_violations);
+    f.outcome(both.len(), &out);
     f.recovery = format!(
         "file fixed → first delivery {}, → all {}; restart with the right token → all {}",
         resumed.map_or("never".into(), secs),
@@ -181,17 +176,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         drained2.is_some() && a.delivered == both.len() && a.lost.is_empty(),
         format!("{} of {}", a.delivered, both.len()),
     );
-    f.check(
-        "nothing sent twice",
-        a.created_twice == 0 && a.uuid_resends == 0 && a.second_calls == 0,
-        a.duplicates_text(),
-    );
-    f.check(
-        "exit 0",
-        exit1.is_some_and(|s| s.success()) && exit2.is_some_and(|s| s.success()),
-        format!("{exit1:?} {exit2:?}"),
-    );
-    world.cleanup().await;
-    f.set_elapsed(started.elapsed());
-    f
+    f.check_sent_once("nothing sent twice", a);
+    f.check_exits("exit 0", &[exit1, exit2]);
+    finish(world, f, started).await
 }
