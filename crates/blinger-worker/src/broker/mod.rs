@@ -8,6 +8,7 @@
 //! duplicate job into a no-op.
 
 pub mod acks;
+pub mod confirms;
 pub mod outbox;
 pub mod outgoing;
 pub mod republisher;
@@ -15,7 +16,6 @@ pub mod topology;
 
 use std::time::Duration;
 
-use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -205,11 +205,10 @@ pub async fn publish_confirmed_with(
             format!("{exchange}/{routing_key}")
         }
     };
-    match confirm.await? {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable(target())),
-        Confirmation::Nack(_) => Err(AmqpError::Nacked(target())),
-    }
+    confirms::judge(confirm.await?).map_err(|refusal| match refusal {
+        confirms::ConfirmError::Unroutable => AmqpError::Unroutable(target()),
+        confirms::ConfirmError::Nacked => AmqpError::Nacked(target()),
+    })
 }
 
 pub fn string_value(s: &str) -> AMQPValue {

@@ -31,7 +31,7 @@
 //! - after a republish fails (refused, or routed nowhere) it stops, and acks nothing more: with
 //!   confirms pipelined, a later confirm can no longer be trusted to speak for its own message.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,16 +43,16 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Consumer, ExchangeKind, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Consumer, ExchangeKind};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{
-    ConfirmError, Link, clip, escape_json, escape_text, human_age, judge, progress, table,
-};
+use super::{ConfirmError, Link, clip, escape_json, escape_text, human_age, progress, table};
+use crate::broker::confirms::{ConfirmWindow, Settled};
 use crate::broker::topology::{self, is_not_found};
-use crate::broker::{self, AmqpError, headers};
+use crate::broker::{self, AmqpError};
 use crate::config::{AmqpSettings, QueueType, parse_duration};
+use crate::contract::annotation::Annotation;
 
 /// Inspect, replay or purge the dead-letter queue.
 #[derive(Debug, Clone, Args)]
@@ -247,11 +247,12 @@ impl DeadLetter {
         };
         let id = field("id").or_else(|| props.message_id().as_ref().map(|m| m.to_string()));
         let kind = field("kind");
-        let reason = broker::header_string(props, headers::REASON)
+        let note = Annotation::read(props);
+        let reason = note
+            .reason
             .or_else(|| broker::header_string(props, "x-last-death-reason"))
             .or_else(|| broker_reason(props));
-        let published_ms =
-            broker::timestamp_ms(props).or_else(|| broker::header_u64(props, headers::FIRST_SEEN));
+        let published_ms = broker::timestamp_ms(props).or(note.first_seen_ms);
         let now_ms = now
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -263,9 +264,9 @@ impl DeadLetter {
             kind,
             conversation_id: field("conversation_id"),
             reason,
-            attempts: broker::header_u64(props, headers::ATTEMPTS),
-            status: broker::header_u64(props, headers::STATUS),
-            error: broker::header_string(props, headers::ERROR),
+            attempts: note.attempts,
+            status: note.status.map(u64::from),
+            error: note.error,
             published_at,
             age_seconds: published_ms.map(|ms| now_ms.saturating_sub(ms) / 1000),
             size: delivery.data.len(),
@@ -878,12 +879,6 @@ pub struct ReplaySummary {
     pub failed: usize,
 }
 
-struct InFlight {
-    tag: u64,
-    dead: DeadLetter,
-    confirm: PublisherConfirm,
-}
-
 pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
     let selection = Selection { args };
     if !args.all
@@ -924,7 +919,8 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
         let limit = args.limit.map_or(usize::MAX, |l| l as usize);
         let mut summary = ReplaySummary::default();
         let mut selected = 0usize;
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        // Each republish's delivery tag and the copy it replays.
+        let mut in_flight = ConfirmWindow::new(args.window as usize);
         let mut acked = BTreeSet::new();
         // Past the limit, or after a failed republish, read on only as far as keeping the order
         // requires.
@@ -963,32 +959,16 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
                 )
                 .await
                 .map_err(AmqpError::Channel)?;
-            in_flight.push_back(InFlight {
-                tag: delivery.delivery_tag,
-                dead,
-                confirm,
-            });
-            while in_flight.len() >= args.window as usize {
-                settle(
-                    &link.channel,
-                    &mut in_flight,
-                    &mut summary,
-                    &mut first_error,
-                    &mut acked,
-                )
-                .await?;
+            in_flight.push((delivery.delivery_tag, dead), confirm);
+            while in_flight.is_full() {
+                settle(&link.channel, &mut in_flight, &mut summary, &mut acked).await?;
             }
+            first_error = in_flight.first_refusal();
         }
         while !in_flight.is_empty() {
-            settle(
-                &link.channel,
-                &mut in_flight,
-                &mut summary,
-                &mut first_error,
-                &mut acked,
-            )
-            .await?;
+            settle(&link.channel, &mut in_flight, &mut summary, &mut acked).await?;
         }
+        first_error = in_flight.first_refusal();
         if summary.replayed.len() + summary.failed > 0 {
             ack_barrier(&link.channel, queue, scan.hold_all).await?;
         }
@@ -1031,45 +1011,45 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, DlqError> {
     Ok(summary)
 }
 
-/// Waits for the oldest republish's confirm; acks its dead-letter copy only on a plain ack.
+/// Waits for the oldest republish's confirm; acks its dead-letter copy only when it is known to
+/// be queued.
 async fn settle(
     channel: &Channel,
-    in_flight: &mut VecDeque<InFlight>,
+    in_flight: &mut ConfirmWindow<(u64, DeadLetter)>,
     summary: &mut ReplaySummary,
-    first_error: &mut Option<ConfirmError>,
     acked: &mut BTreeSet<u64>,
 ) -> Result<(), DlqError> {
-    let Some(next) = in_flight.pop_front() else {
-        return Ok(());
+    let name = |dead: &DeadLetter| {
+        dead.id
+            .as_deref()
+            .map_or("(no id)".into(), |id| clip(id, 64))
     };
-    let confirmation = next.confirm.await.map_err(AmqpError::Channel)?;
-    let name = next
-        .dead
-        .id
-        .as_deref()
-        .map_or("(no id)".into(), |id| clip(id, 64));
-    if let Some(earlier) = first_error {
-        // lapin hands a returned message to the next confirm it resolves, which under batched
-        // acks may belong to an earlier publish: after one failure, no later "ack" proves its
-        // own message was routed. Keep the copy (a possible duplicate, never a loss).
-        summary.failed += 1;
-        eprintln!("{name}: not replayed: left in the queue after an earlier failure ({earlier})");
-        return Ok(());
-    }
-    match judge(confirmation) {
-        Ok(()) => {
+    match in_flight
+        .settle_oldest()
+        .await
+        .map_err(AmqpError::Channel)?
+    {
+        None => {}
+        Some(Settled::Confirmed((tag, dead))) => {
             channel
-                .basic_ack(next.tag, BasicAckOptions::default())
+                .basic_ack(tag, BasicAckOptions::default())
                 .await
                 .map_err(AmqpError::Channel)?;
-            acked.insert(next.tag);
-            summary.replayed.push(next.dead);
+            acked.insert(tag);
+            summary.replayed.push(dead);
         }
-        Err(error) => {
+        Some(Settled::Refused((_, dead), error)) => {
             // Not acked: the copy stays in the dead-letter queue.
             summary.failed += 1;
-            eprintln!("{name}: not replayed: {error}");
-            *first_error = Some(error);
+            eprintln!("{}: not replayed: {error}", name(&dead));
+        }
+        Some(Settled::AfterRefusal((_, dead), earlier)) => {
+            // Keep the copy: a possible duplicate, never a loss.
+            summary.failed += 1;
+            eprintln!(
+                "{}: not replayed: left in the queue after an earlier failure ({earlier})",
+                name(&dead)
+            );
         }
     }
     Ok(())
@@ -1255,6 +1235,7 @@ async fn confirm_on_terminal(queue: &str, held: &PurgeSummary) -> Result<(), Dlq
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::headers;
     use lapin::types::{FieldArray, LongString};
 
     fn ls(s: &str) -> AMQPValue {

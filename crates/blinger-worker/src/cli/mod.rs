@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Confirmation, Connection};
+use lapin::{Channel, Connection};
 
 use crate::broker::{self, AmqpError};
 use crate::config::{AmqpSettings, AmqpUrlError, amqp_uri};
@@ -61,24 +61,7 @@ impl Link {
     }
 }
 
-/// How the broker answered one confirmed, mandatory publish.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfirmError {
-    #[error("RabbitMQ refused the message (nack)")]
-    Nacked,
-    #[error("the exchange routed the message to no queue (is the topology declared?)")]
-    Unroutable,
-}
-
-/// The one reading of a publisher confirm: only a plain ack means the message is safely queued.
-/// A mandatory publish that was returned is acked *with* the returned message: that is a failure.
-pub(crate) fn judge(confirmation: Confirmation) -> Result<(), ConfirmError> {
-    match confirmation {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(ConfirmError::Unroutable),
-        Confirmation::Nack(_) => Err(ConfirmError::Nacked),
-    }
-}
+pub use crate::broker::confirms::ConfirmError;
 
 /// A progress bar on stderr when stderr is a terminal, otherwise one that draws nothing, so that
 /// piped or logged output never fills with escape sequences.

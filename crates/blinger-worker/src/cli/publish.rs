@@ -14,19 +14,19 @@
 //! - should the broker still refuse a job, the run stops there and prints no later id: with
 //!   confirms pipelined, a later confirm no longer proves its own job was queued.
 
-use std::collections::VecDeque;
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use indicatif::ProgressBar;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, PublisherConfirm};
+use lapin::{BasicProperties, Channel};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use uuid::Uuid;
 
-use super::{ConfirmError, Link, judge, progress};
+use super::{ConfirmError, Link, progress};
+use crate::broker::confirms::{ConfirmWindow, Settled};
 use crate::broker::{AmqpError, Topology, topology};
 use crate::config::AmqpSettings;
 use crate::contract::job::{self, InvalidJob, Kind, Problem};
@@ -356,19 +356,13 @@ async fn read_line<R: AsyncBufRead + Unpin>(
     }
 }
 
-struct Pending {
-    id: Uuid,
-    line: Option<usize>,
-    confirm: PublisherConfirm,
-}
-
 /// Publishes with up to `window` confirms outstanding and settles them in order, printing each
 /// confirmed id.
 struct Publisher<'a> {
     channel: &'a Channel,
     exchange: &'a str,
-    window: usize,
-    pending: VecDeque<Pending>,
+    /// Each publish's job id and input line.
+    confirms: ConfirmWindow<(Uuid, Option<usize>)>,
     summary: Summary,
     first_failure: Option<(Uuid, ConfirmError)>,
     bar: ProgressBar,
@@ -379,8 +373,7 @@ impl<'a> Publisher<'a> {
         Publisher {
             channel,
             exchange,
-            window,
-            pending: VecDeque::new(),
+            confirms: ConfirmWindow::new(window),
             summary: Summary::default(),
             first_failure: None,
             bar: progress(None, "published"),
@@ -417,15 +410,15 @@ impl<'a> Publisher<'a> {
             )
             .await
             .map_err(AmqpError::Channel)?;
-        self.pending.push_back(Pending { id, line, confirm });
-        while self.pending.len() >= self.window {
+        self.confirms.push((id, line), confirm);
+        while self.confirms.is_full() {
             self.settle_oldest().await?;
         }
         Ok(())
     }
 
     async fn drain(&mut self) -> Result<(), PublishError> {
-        while !self.pending.is_empty() {
+        while !self.confirms.is_empty() {
             self.settle_oldest().await?;
         }
         self.bar.finish_and_clear();
@@ -433,38 +426,37 @@ impl<'a> Publisher<'a> {
     }
 
     async fn settle_oldest(&mut self) -> Result<(), PublishError> {
-        let Some(pending) = self.pending.pop_front() else {
-            return Ok(());
+        let place = |(id, line): (Uuid, Option<usize>)| {
+            line.map(|n| format!("line {n} ({id})"))
+                .unwrap_or_else(|| id.to_string())
         };
-        let confirmation = pending.confirm.await.map_err(AmqpError::Channel)?;
-        let place = pending
-            .line
-            .map(|n| format!("line {n} ({})", pending.id))
-            .unwrap_or_else(|| pending.id.to_string());
-        if self.first_failure.is_some() {
-            // lapin hands a returned message to the next confirm it resolves, which under batched
-            // acks may belong to an earlier publish: after one failure, a later "ack" does not
-            // prove its own job was queued. Say so rather than print the id.
-            self.summary.failed += 1;
-            self.bar.suspend(|| {
-                eprintln!(
-                    "{place}: not known to be queued after an earlier failure; publishing it again is safe"
-                )
-            });
-            return Ok(());
-        }
-        match judge(confirmation) {
-            Ok(()) => {
+        match self
+            .confirms
+            .settle_oldest()
+            .await
+            .map_err(AmqpError::Channel)?
+        {
+            None => {}
+            Some(Settled::Confirmed((id, _))) => {
                 self.summary.published += 1;
                 self.bar.inc(1);
                 let mut stdout = std::io::stdout().lock();
-                writeln!(stdout, "{}", pending.id).map_err(PublishError::Stdout)?;
+                writeln!(stdout, "{id}").map_err(PublishError::Stdout)?;
             }
-            Err(error) => {
+            Some(Settled::Refused(job, error)) => {
                 self.summary.failed += 1;
                 self.bar
-                    .suspend(|| eprintln!("{place}: not published: {error}"));
-                self.first_failure = Some((pending.id, error));
+                    .suspend(|| eprintln!("{}: not published: {error}", place(job)));
+                self.first_failure = Some((job.0, error));
+            }
+            Some(Settled::AfterRefusal(job, _)) => {
+                self.summary.failed += 1;
+                self.bar.suspend(|| {
+                    eprintln!(
+                        "{}: not known to be queued after an earlier failure; publishing it again is safe",
+                        place(job)
+                    )
+                });
             }
         }
         Ok(())

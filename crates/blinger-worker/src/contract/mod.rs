@@ -1,7 +1,9 @@
 //! The public contract with publishers, decoded once at the edge: the job body ([`job`]), the
-//! worker's own sealed `x-blinger-*` headers on a job ([`trail`]) and the outcome events it
-//! publishes ([`receipts`]). Other services rely on these shapes: extend them, never change them.
+//! worker's own sealed `x-blinger-*` headers on a job ([`trail`]), the note it writes on parked
+//! and dead-lettered copies ([`annotation`]), why it dead-letters ([`reason`]) and the outcome
+//! events it publishes ([`receipts`]). Other services rely on these shapes: extend them, never change them.
 
+pub mod annotation;
 pub mod job;
 pub mod reason;
 pub mod receipts;

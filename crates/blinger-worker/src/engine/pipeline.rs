@@ -37,8 +37,9 @@ use tracing::{debug, error, info, warn};
 use crate::blinger::failure::Failure;
 use crate::blinger::{Accepted, Client};
 use crate::broker::outbox::Outbox;
-use crate::broker::{self, Topology, headers, outgoing};
+use crate::broker::{self, Topology, outgoing};
 use crate::config::TokenSource;
+use crate::contract::annotation::{Annotation, clip_error};
 use crate::contract::job::{InvalidJob, Job, Kind};
 use crate::contract::reason::DeadReason;
 use crate::contract::receipts::{self, Receipt};
@@ -50,9 +51,6 @@ use crate::engine::ratelimit::Limiter;
 use crate::engine::retry::{Backoff, Next, RetryPolicy};
 use crate::runtime::telemetry::{Health, Metrics, kind_label};
 use crate::store::{Delivered, Store, now_ms};
-
-/// Longest `x-blinger-error` text.
-const MAX_ERROR_CHARS: usize = 1000;
 
 /// The session a delivery came in on, and whether it is still open. Acks and republishes of a
 /// delivery go through its own session: once that session is gone, the broker will redeliver.
@@ -704,13 +702,7 @@ impl Pipeline {
     ) -> Outcome {
         let mut extra = trail.headers(&work.delivery.data, &self.trail_key);
         if let Some(failure) = failure {
-            extra.push((
-                headers::ERROR,
-                broker::string_value(&truncate(&failure.detail)),
-            ));
-            if let Some(status) = failure.status {
-                extra.push((headers::STATUS, AMQPValue::LongInt(status.into())));
-            }
+            extra.extend(Annotation::failure(&failure.detail, failure.status).headers());
         }
         let queue = &self.topology.tiers[tier];
         let properties = self.outgoing(work, extra);
@@ -742,27 +734,15 @@ impl Pipeline {
         status: Option<u16>,
         attempts: u64,
     ) -> Outcome {
-        let mut extra = vec![
-            (headers::REASON, broker::string_value(reason.as_str())),
-            (headers::ERROR, broker::string_value(&truncate(error_text))),
-            (headers::ATTEMPTS, AMQPValue::LongLongInt(attempts as i64)),
-        ];
-        if let Some(status) = status {
-            extra.push((headers::STATUS, AMQPValue::LongInt(status.into())));
-        }
-        if work.trail.retries > 0 {
-            extra.push((
-                headers::RETRIES,
-                AMQPValue::LongLongInt(work.trail.retries.into()),
-            ));
-        }
-        if let Some(first_seen) = work.trail.first_seen_ms {
-            extra.push((
-                headers::FIRST_SEEN,
-                AMQPValue::LongLongInt(first_seen as i64),
-            ));
-        }
-        let properties = self.outgoing(work, extra);
+        let note = Annotation::dead_letter(
+            reason,
+            error_text,
+            status,
+            attempts,
+            work.trail.retries.into(),
+            work.trail.first_seen_ms,
+        );
+        let properties = self.outgoing(work, note.headers());
         let queue = self.topology.dead_letter_queue.clone();
         if !self.republish(work, &queue, properties).await {
             return self.hand_back(work).await;
@@ -783,7 +763,7 @@ impl Pipeline {
             .as_ref()
             .map(|j| j.id.to_string())
             .unwrap_or_default();
-        warn!(id, kind, reason = reason.as_str(), error = %truncate(error_text), "dead-lettered");
+        warn!(id, kind, reason = reason.as_str(), error = %clip_error(error_text), "dead-lettered");
         Outcome::DeadLettered(reason)
     }
 
@@ -955,13 +935,6 @@ async fn until_expiry(job: &Job) {
     }
 }
 
-fn truncate(s: &str) -> String {
-    match s.char_indices().nth(MAX_ERROR_CHARS) {
-        Some((cut, _)) => format!("{}…", &s[..cut]),
-        None => s.to_owned(),
-    }
-}
-
 /// The pipeline without a broker: each job goes through [`Pipeline::process`] with an in-memory
 /// outbox, against the sandbox Blinger over HTTP and a real store. What the pipeline asks of the
 /// broker is the outbox's record; the integration tests run the same paths on RabbitMQ.
@@ -1077,7 +1050,7 @@ mod tests {
                 .filter_map(|s| match s {
                     Sent::Republish {
                         queue, properties, ..
-                    } => Some((queue, broker::header_string(&properties, headers::REASON))),
+                    } => Some((queue, Annotation::read(&properties).reason)),
                     _ => None,
                 })
                 .collect()
