@@ -609,14 +609,6 @@ fn parse_compare(s: &str) -> Result<(String, PathBuf), String> {
     Ok((label.to_owned(), PathBuf::from(path)))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn parse_rfc3339_ms(s: &str) -> u64 {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .expect("sandbox timestamps are RFC 3339");
@@ -657,7 +649,7 @@ async fn run_worker(
         .env("BLINGER_WORKER_DATA_DIR", data.path())
         .env(
             "BLINGER_WORKER_METRICS_ADDR",
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", test_support::free_port()),
         )
         .env("BLINGER_WORKER_CONCURRENCY", run.concurrency.to_string())
         .env("BLINGER_WORKER_PREFETCH", args.prefetch.to_string())

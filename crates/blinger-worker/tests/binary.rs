@@ -186,15 +186,6 @@ async fn a_malformed_amqp_url_is_one_line_without_the_password() {
     }
 }
 
-/// A free port on the loopback, for a worker's ops port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A child process that is killed if the test fails before it stops it.
 struct KillOnDrop(Option<std::process::Child>);
 

@@ -18,16 +18,19 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::options::{
     BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 use test_support::*;
+
+/// A long-string header value, as the worker writes them.
+use blinger_worker::broker::string_value as ls;
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_blinger-worker");
@@ -37,26 +40,15 @@ const READINGS: usize = 25;
 
 /// Runs the binary with this env's broker and names.
 fn cli(env: &TestEnv, retry_delays: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .env_clear()
-        .env("AMQP_URL", &env.broker.url)
-        .env("BLINGER_WORKER_EXCHANGE", &env.names.exchange)
-        .env("BLINGER_WORKER_QUEUE", &env.names.queue)
-        .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &env.names.dead)
+    env.command(BIN)
         .env("BLINGER_WORKER_RETRY_DELAYS", retry_delays)
-        .env("BLINGER_WORKER_DATA_DIR", env.data_dir.path())
         .args(args)
-        .stdin(Stdio::null())
         .output()
         .expect("the binary runs")
 }
 
 fn text(o: &[u8]) -> String {
     String::from_utf8_lossy(o).into_owned()
-}
-
-fn ls(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 /// Publishes `body` straight into `queue` (default exchange), persistent, confirmed.
@@ -195,11 +187,7 @@ async fn reading_the_dead_letter_queue_never_burns_a_delivery_limit() {
 async fn handing_back_a_tier_message_never_burns_a_delivery_limit() {
     let env = TestEnv::new("tierlimit").await;
     // A long tier, so the message stays put while it is read.
-    let settings = env.settings(&["--retry-delays", "10m"]);
-    let topology = blinger_worker::broker::Topology::new(&settings.amqp);
-    blinger_worker::broker::topology::declare(&env.channel, &settings.amqp, &topology)
-        .await
-        .expect("topology declared");
+    let topology = env.declare_with(&["--retry-delays", "10m"]).await;
     let tier = topology.tiers[0].clone();
     put(&env, &tier, &job(&Uuid::new_v4().to_string())).await;
 
@@ -320,11 +308,7 @@ async fn queues_declared_by_an_earlier_version_are_kept() {
 #[tokio::test]
 async fn the_work_queue_delivery_limit_dead_letters_with_its_reason() {
     let env = TestEnv::new("safetynet").await;
-    let settings = env.settings(&["--delivery-limit", "2"]);
-    let topology = blinger_worker::broker::Topology::new(&settings.amqp);
-    blinger_worker::broker::topology::declare(&env.channel, &settings.amqp, &topology)
-        .await
-        .expect("topology declared");
+    env.declare_with(&["--delivery-limit", "2"]).await;
     let id = Uuid::new_v4().to_string();
     env.publish_raw("send-text", &job(&id)).await;
 

@@ -8,14 +8,13 @@
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::json;
 use test_support::*;
 
-fn ls(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
+/// A long-string header value, as the worker writes them.
+use blinger_worker::broker::string_value as ls;
 
 fn job_props(headers: FieldTable) -> BasicProperties {
     BasicProperties::default()

@@ -5,10 +5,12 @@
 use std::process::{Command, Output, Stdio};
 
 use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use serde_json::{Value, json};
 use test_support::*;
+
+/// A long-string header value, as the worker writes them.
+use blinger_worker::broker::string_value as ls;
 
 const BIN: &str = env!("CARGO_BIN_EXE_blinger-worker");
 
@@ -69,38 +71,12 @@ async fn operator_commands_never_show_the_password_of_a_malformed_url() {
 
 /// Runs the binary with this env's broker and names (and nothing else from the environment).
 async fn cli(env: &TestEnv, args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("AMQP_URL", &env.broker.url)
-        .env("BLINGER_WORKER_EXCHANGE", &env.names.exchange)
-        .env("BLINGER_WORKER_QUEUE", &env.names.queue)
-        .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &env.names.dead)
-        .env("BLINGER_WORKER_RETRY_DELAYS", "1s,2s")
-        .args(args)
-        .stdin(Stdio::null());
-    tokio::task::spawn_blocking(move || cmd.output().expect("the binary runs"))
-        .await
-        .expect("cli task")
-}
-
-fn ls(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+    cli_env(env, &[], args).await
 }
 
 /// Publishes one message straight into the dead-letter queue, confirmed.
 async fn dead_letter(env: &TestEnv, body: &[u8], props: BasicProperties) {
-    let confirm = env
-        .channel
-        .basic_publish(
-            "".into(),
-            env.names.dead.as_str().into(),
-            BasicPublishOptions::default(),
-            body,
-            props.with_delivery_mode(2),
-        )
-        .await
-        .expect("publish");
-    assert!(confirm.await.expect("confirm").is_ack());
+    env.publish_to_queue(&env.names.dead, body, props).await;
 }
 
 /// Terminal controls a hostile publisher may hide in a message: CSI sequences that clear the
@@ -232,19 +208,9 @@ async fn take_ids(env: &TestEnv) -> Vec<String> {
 }
 
 async fn cli_env(env: &TestEnv, vars: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("AMQP_URL", &env.broker.url)
-        .env("BLINGER_WORKER_EXCHANGE", &env.names.exchange)
-        .env("BLINGER_WORKER_QUEUE", &env.names.queue)
-        .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &env.names.dead)
-        .env("BLINGER_WORKER_RETRY_DELAYS", "1s,2s")
-        .envs(vars.iter().copied())
-        .args(args)
-        .stdin(Stdio::null());
-    tokio::task::spawn_blocking(move || cmd.output().expect("the binary runs"))
-        .await
-        .expect("cli task")
+    let mut cmd = env.command(BIN);
+    cmd.envs(vars.iter().copied()).args(args);
+    output(cmd, None).await
 }
 
 fn listed_ids(out: &Output) -> Vec<String> {

@@ -2,16 +2,18 @@
 //! each test on its own exchange and queues (from the shared harness).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blinger_worker::store::{Delivered, Store, now_ms};
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use lapin::options::BasicGetOptions;
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use serde_json::{Value, json};
 use test_support::*;
+
+/// A long-string header value, as the worker writes them.
+use blinger_worker::broker::string_value as ls;
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_blinger-worker");
@@ -31,34 +33,9 @@ async fn cli_with(
     args: &[&str],
     stdin: Option<Vec<u8>>,
 ) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .envs(vars.iter().copied())
-        .env("AMQP_URL", &env.broker.url)
-        .env("BLINGER_WORKER_EXCHANGE", &env.names.exchange)
-        .env("BLINGER_WORKER_QUEUE", &env.names.queue)
-        .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &env.names.dead)
-        // The harness's tiers: the declared topology must match the worker's.
-        .env("BLINGER_WORKER_RETRY_DELAYS", "1s,2s")
-        .env("BLINGER_WORKER_DATA_DIR", env.data_dir.path())
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    tokio::task::spawn_blocking(move || {
-        let mut child = cmd.spawn().expect("the binary starts");
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().expect("stdin pipe");
-            pipe.write_all(&input).expect("write stdin");
-        }
-        child.wait_with_output().expect("the binary finishes")
-    })
-    .await
-    .expect("cli task")
+    let mut cmd = env.command(BIN);
+    cmd.envs(vars.iter().copied()).args(args);
+    output(cmd, stdin).await
 }
 
 fn stdout(o: &Output) -> String {
@@ -117,10 +94,6 @@ fn ids_of(taken: &[Taken]) -> Vec<String> {
         .iter()
         .map(|t| t.body["id"].as_str().unwrap_or("").to_owned())
         .collect()
-}
-
-fn ls(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 fn now_secs() -> u64 {
@@ -211,18 +184,8 @@ async fn seed_dlq(env: &TestEnv, seeds: &[Seed]) -> Vec<String> {
             .with_timestamp(now_secs() - seed.age.as_secs())
             .with_headers(h);
         let body = job_body(seed.kind, &id).to_string();
-        let confirm = env
-            .channel
-            .basic_publish(
-                "".into(),
-                env.names.dead.as_str().into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                props,
-            )
-            .await
-            .expect("publish");
-        assert!(confirm.await.expect("confirm").is_ack());
+        env.publish_to_queue(&env.names.dead, body.as_bytes(), props)
+            .await;
         ids.push(id);
     }
     ids

@@ -15,7 +15,7 @@ pub mod poll;
 pub mod reliability;
 
 pub use amqp::{Broker, DeadLetter, Msg, Names, Publisher, broker};
-pub use net::{TcpProxy, amqp_socket, via};
+pub use net::{TcpProxy, amqp_socket, free_port, via};
 pub use poll::{eventually, until};
 
 use std::collections::BTreeSet;
@@ -30,9 +30,9 @@ use blinger_worker::contract::job::Kind;
 use blinger_worker::runtime::telemetry::{Health, Metrics};
 use blinger_worker::runtime::worker::Worker;
 use clap::Parser;
-use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -156,11 +156,51 @@ impl TestEnv {
 
     /// Declares the topology as the worker would, so jobs can be published before it starts.
     pub async fn declare(&self) {
-        let settings = self.settings(&[]);
+        self.declare_with(&[]).await;
+    }
+
+    /// Declares the topology of a worker started with `extra` flags; returns it.
+    pub async fn declare_with(&self, extra: &[&str]) -> Topology {
+        let settings = self.settings(extra);
         let topology = Topology::new(&settings.amqp);
         blinger_worker::broker::topology::declare(&self.channel, &settings.amqp, &topology)
             .await
             .expect("topology declared");
+        topology
+    }
+
+    /// The binary at `bin` configured for this env through its environment only (broker,
+    /// names, the test tiers, the data directory) and nothing inherited, as an operator runs it.
+    /// A test adds its own variables and arguments.
+    pub fn command(&self, bin: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.env_clear()
+            .env("AMQP_URL", &self.broker.url)
+            .env("BLINGER_WORKER_EXCHANGE", &self.names.exchange)
+            .env("BLINGER_WORKER_QUEUE", &self.names.queue)
+            .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &self.names.dead)
+            // The harness's tiers: a topology the binary declares must match the worker's.
+            .env("BLINGER_WORKER_RETRY_DELAYS", TEST_DELAYS)
+            .env("BLINGER_WORKER_DATA_DIR", self.data_dir.path())
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    /// Publishes one message straight into `queue` through the default exchange, persistent
+    /// and confirmed: a dead letter or a tier message as the worker would have left it.
+    pub async fn publish_to_queue(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "broker nacked");
     }
 
     /// Opens the store of this env's data directory once the worker has let go of it.
@@ -320,4 +360,28 @@ pub fn text_job(conversation: &str, text: &str) -> serde_json::Value {
         "conversation_id": conversation,
         "text": text,
     })
+}
+
+/// Runs `cmd` to completion off the async runtime, writing `stdin` to it when given, with its
+/// output captured.
+pub async fn output(
+    mut cmd: std::process::Command,
+    stdin: Option<Vec<u8>>,
+) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().expect("the binary starts");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin pipe");
+            pipe.write_all(&input).expect("write stdin");
+        }
+        child.wait_with_output().expect("the binary finishes")
+    })
+    .await
+    .expect("command task")
 }

@@ -8,6 +8,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// A free TCP port on 127.0.0.1 (bound and released: good enough for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// A TCP proxy in front of RabbitMQ that a test can cut, to simulate a lost broker connection.
 pub struct TcpProxy {
     pub addr: SocketAddr,

@@ -21,15 +21,8 @@ use crate::amqp::{self, Broker};
 
 pub use crate::TOKEN;
 pub use crate::amqp::{DeadLetter, Msg, Names, Publisher};
+pub use crate::net::free_port;
 pub use crate::poll::until;
-
-/// A free TCP port on 127.0.0.1 (bound and released: good enough for a test).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// Everything one scenario runs against.
 pub struct World {

@@ -147,6 +147,17 @@ impl Plan {
     pub fn count(&self, kind: Kind) -> usize {
         self.jobs.iter().filter(|j| j.kind == kind).count()
     }
+
+    /// "N text, N file, N review, N assign", for a scenario's details.
+    pub fn kinds_text(&self) -> String {
+        format!(
+            "{} text, {} file, {} review, {} assign",
+            self.count(Kind::SendText),
+            self.count(Kind::SendFile),
+            self.count(Kind::RequestReview),
+            self.count(Kind::AssignAgent)
+        )
+    }
 }
 
 /// What happened to a plan's jobs, from the sandbox's records, the store and the DLQ.

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use blinger_worker::contract::job::Kind;
 
 use super::{Expect, Progress, conclude, dead_summary, finish};
 use crate::reliability::Ctx;
@@ -418,13 +417,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     );
     f.detail(
         "kinds",
-        format!(
-            "{} text, {} file, {} review, {} assign",
-            plan.count(Kind::SendText),
-            plan.count(Kind::SendFile),
-            plan.count(Kind::RequestReview),
-            plan.count(Kind::AssignAgent)
-        ),
+        plan.kinds_text(),
     );
 
     f.check(

@@ -12,7 +12,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use blinger_worker::contract::job::Kind;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use rand::rngs::StdRng;
@@ -348,13 +347,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     );
     f.detail(
         "valid kinds",
-        format!(
-            "{} text, {} file, {} review, {} assign",
-            plan.count(Kind::SendText),
-            plan.count(Kind::SendFile),
-            plan.count(Kind::RequestReview),
-            plan.count(Kind::AssignAgent)
-        ),
+        plan.kinds_text(),
     );
 
     f.check(

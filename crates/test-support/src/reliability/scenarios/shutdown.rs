@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{Expect, Progress, conclude, finish};
 use crate::reliability::Ctx;
-use crate::reliability::harness::{World, secs};
+use crate::reliability::harness::{World, accepted, secs};
 use crate::reliability::jobs::Plan;
 use crate::reliability::report::Figures;
 
@@ -81,22 +81,10 @@ pub async fn run(ctx: &Ctx) -> Figures {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        let accepted_before = world
-            .sandbox
-            .stats()
-            .by_status
-            .get(&200)
-            .copied()
-            .unwrap_or(0);
+        let accepted_before = accepted(&world.sandbox) as u64;
         boundaries.push(SystemTime::now());
         let (exit, took) = worker.stop(Duration::from_secs(grace + 30)).await;
-        let accepted_after = world
-            .sandbox
-            .stats()
-            .by_status
-            .get(&200)
-            .copied()
-            .unwrap_or(0);
+        let accepted_after = accepted(&world.sandbox) as u64;
         // At the exit: accepted (by the sandbox) + back in the queue must cover every job. The
         // broker counts the handed-back jobs as ready a moment after the worker's channel closed
         // (its quorum queue returns them through its log; seen on 3.10 and 4.0 under load), so the

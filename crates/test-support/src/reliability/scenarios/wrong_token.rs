@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{Expect, Progress, conclude, dead_summary, finish};
 use crate::reliability::Ctx;
-use crate::reliability::harness::{TOKEN, World, metric_sum, secs};
+use crate::reliability::harness::{TOKEN, World, accepted, metric_sum, secs};
 use crate::reliability::jobs::Plan;
 use crate::reliability::report::Figures;
 
@@ -46,13 +46,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let paused_metric = worker.metric("blinger_worker_paused", &[]).await;
     let metrics_paused = worker.metrics().await.unwrap_or_default();
     let dead_while_paused = world.ready(&world.names.dead).await.unwrap_or(0);
-    let accepted_while_paused = world
-        .sandbox
-        .stats()
-        .by_status
-        .get(&200)
-        .copied()
-        .unwrap_or(0);
+    let accepted_while_paused = accepted(&world.sandbox) as u64;
     let refused_calls = world.sandbox.stats().unauthorized;
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let fixed_at = Instant::now();
