@@ -66,6 +66,13 @@ pub enum AmqpUrlError {
          channel_max, heartbeat and connection_timeout are numbers"
     )]
     Invalid,
+    /// One URL of a comma-separated list is wrong.
+    #[error("{problem} (entry {position} of the {count} in the comma-separated list)")]
+    Entry {
+        position: usize,
+        count: usize,
+        problem: Box<AmqpUrlError>,
+    },
 }
 
 /// `url` parsed the way the AMQP client parses it, checked for the mistakes that would move a
@@ -88,32 +95,72 @@ fn checked_url(url: &str) -> Result<url::Url, AmqpUrlError> {
     Ok(parsed)
 }
 
-/// `AMQP_URL` as the AMQP client's URI, or why it cannot be one (never quoting it). The worker and
-/// the operator commands check the URL with this before connecting; connecting with the result
-/// (`lapin::Connection::connect_uri`) never reparses the text, so no parse error can echo it.
-/// The result's `Debug` shows the password: never log it.
-pub fn amqp_uri(url: &Secret) -> Result<lapin::uri::AMQPUri, AmqpUrlError> {
-    checked_url(url.expose())?;
+/// `AMQP_URL` split into its URLs. Several, separated by commas, name the nodes of one cluster,
+/// tried in turn (`broker::connect`). The text is split only at a comma followed by `amqp://` or
+/// `amqps://`, so a comma inside a password survives; white space around each URL is ignored.
+pub fn split_amqp_urls(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (at, _) in text.match_indices(',') {
+        let rest = text[at + 1..].trim_start();
+        if rest.starts_with("amqp://") || rest.starts_with("amqps://") {
+            out.push(text[start..at].trim());
+            start = at + 1;
+        }
+    }
+    out.push(text[start..].trim());
+    out
+}
+
+/// `AMQP_URL` as the AMQP client's URIs, one per listed node, or why it cannot be (never quoting
+/// it; in a list, the error says which entry). The worker and the operator commands check the
+/// URL with this before connecting; connecting with the result (`lapin::Connection::connect_uri`)
+/// never reparses the text, so no parse error can echo it. The result's `Debug` shows the
+/// password: never log it.
+pub fn amqp_uris(url: &Secret) -> Result<Vec<lapin::uri::AMQPUri>, AmqpUrlError> {
+    let urls = split_amqp_urls(url.expose());
+    let count = urls.len();
+    urls.into_iter()
+        .enumerate()
+        .map(|(i, one)| {
+            one_uri(one).map_err(|problem| match count {
+                1 => problem,
+                _ => AmqpUrlError::Entry {
+                    position: i + 1,
+                    count,
+                    problem: Box::new(problem),
+                },
+            })
+        })
+        .collect()
+}
+
+fn one_uri(url: &str) -> Result<lapin::uri::AMQPUri, AmqpUrlError> {
+    checked_url(url)?;
     // The client's own parser has further checks (percent-encoding, numeric query parameters);
     // its error texts may quote the URL, so they are dropped.
-    url.expose()
-        .parse::<lapin::uri::AMQPUri>()
+    url.parse::<lapin::uri::AMQPUri>()
         .map_err(|_| AmqpUrlError::Invalid)
 }
 
-/// The AMQP URL with its password masked, for logs and error messages. A URL that is malformed
-/// (see [`AmqpUrlError`]) is not shown at all: its password could be anywhere in it.
+/// The AMQP URL (or each URL of a list) with its password masked, for logs and error messages.
+/// A URL that is malformed (see [`AmqpUrlError`]) is not shown at all: its password could be
+/// anywhere in it.
 pub fn redact_url(url: &str) -> String {
-    match checked_url(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
+    split_amqp_urls(url)
+        .into_iter()
+        .map(|one| match checked_url(one) {
+            Ok(mut parsed) => {
+                if parsed.password().is_some() {
+                    let _ = parsed.set_password(Some("***"));
+                }
+                parsed.set_fragment(None);
+                parsed.to_string()
             }
-            parsed.set_fragment(None);
-            parsed.to_string()
-        }
-        Err(_) => "[unparseable URL]".to_owned(),
-    }
+            Err(_) => "[unparseable URL]".to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,7 +187,8 @@ pub enum LogFormat {
 /// Where the broker is and what the topology is called: shared by every command that talks to it.
 #[derive(Debug, Clone, Args)]
 pub struct AmqpSettings {
-    /// RabbitMQ URL (amqp:// or amqps://). The password is never logged.
+    /// RabbitMQ URL (amqp:// or amqps://), or the URLs of a cluster's nodes separated by
+    /// commas, tried in turn. The password is never logged.
     #[arg(
         long = "amqp-url",
         env = "AMQP_URL",
@@ -406,7 +454,7 @@ impl RunSettings {
         if !matches!(self.api_url.scheme(), "http" | "https") || self.api_url.cannot_be_a_base() {
             return Err(ConfigError::ApiUrl);
         }
-        amqp_uri(&self.amqp.url)?;
+        amqp_uris(&self.amqp.url)?;
         TokenSource::from_settings(self)?.load()?;
         Ok(())
     }
@@ -445,11 +493,46 @@ mod tests {
     ];
 
     #[test]
+    fn a_comma_separated_list_names_several_nodes() {
+        assert_eq!(
+            split_amqp_urls("amqp://u:p@a/%2f, amqps://u:p@b:5671/%2f ,amqp://c"),
+            ["amqp://u:p@a/%2f", "amqps://u:p@b:5671/%2f", "amqp://c"]
+        );
+        // A comma inside a password is not a separator.
+        assert_eq!(
+            split_amqp_urls("amqp://u:pa,ss@a/%2f"),
+            ["amqp://u:pa,ss@a/%2f"]
+        );
+        assert_eq!(
+            amqp_uris(&Secret::new("amqp://u:pa,ss@a/%2f"))
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            redact_url("amqp://u:one@a:5672/%2f,amqp://u:two@b:5672/%2f"),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"
+        );
+        // A bad entry is named by its place, and quoted nowhere.
+        let err = amqp_uris(&Secret::new("amqp://u:p@a/%2f,amqp://u:s3cret@/x")).unwrap_err();
+        assert_eq!(
+            err,
+            AmqpUrlError::Entry {
+                position: 2,
+                count: 2,
+                problem: Box::new(AmqpUrlError::Parse(url::ParseError::EmptyHost))
+            }
+        );
+        assert!(!err.to_string().contains("s3cret"));
+        assert!(err.to_string().contains("entry 2 of the 2"), "{err}");
+    }
+
+    #[test]
     fn redaction_of_a_malformed_url_never_shows_the_password() {
         for (url, password) in MALFORMED {
             let shown = redact_url(url);
             assert!(!shown.contains(password), "{url} shown as {shown}");
-            if let Err(e) = amqp_uri(&Secret::new(url)) {
+            if let Err(e) = amqp_uris(&Secret::new(url)) {
                 let text = format!("{e} {e:?}");
                 assert!(!text.contains(password), "{url}: {text}");
                 assert!(text.contains("AMQP_URL"), "{text}");
@@ -459,19 +542,21 @@ mod tests {
         let usable: Vec<&str> = MALFORMED
             .iter()
             .map(|(url, _)| *url)
-            .filter(|url| amqp_uri(&Secret::new(*url)).is_ok())
+            .filter(|url| amqp_uris(&Secret::new(*url)).is_ok())
             .collect();
         assert_eq!(usable, ["amqp://user:Pa55@w0rd@host"]);
     }
 
     #[test]
-    fn amqp_uri_reads_what_the_client_reads() {
-        let uri = amqp_uri(&Secret::new("amqps://u:p%2Fw@rabbit:5671/%2f?heartbeat=5")).unwrap();
+    fn amqp_uris_reads_what_the_client_reads() {
+        let uri = amqp_uris(&Secret::new("amqps://u:p%2Fw@rabbit:5671/%2f?heartbeat=5")).unwrap()
+            [0]
+        .clone();
         assert_eq!(uri.authority.userinfo.password, "p/w");
         assert_eq!(uri.authority.host, "rabbit");
         assert_eq!(uri.vhost, "/");
         assert_eq!(uri.query.heartbeat, Some(5));
-        let err = |url: &str| amqp_uri(&Secret::new(url)).unwrap_err();
+        let err = |url: &str| amqp_uris(&Secret::new(url)).unwrap_err();
         assert_eq!(err("http://u:p@rabbit"), AmqpUrlError::Scheme);
         assert_eq!(err("amqp:u:p@rabbit"), AmqpUrlError::NoHost);
         assert_eq!(err("amqp://u:1/p@rabbit"), AmqpUrlError::StrayAt);

@@ -58,6 +58,63 @@ async fn a_lost_broker_connection_is_recovered_without_loss_or_duplicates() {
     env.cleanup().await;
 }
 
+/// `AMQP_URL` as a list of nodes (two proxies in front of the broker stand for two cluster
+/// nodes): the worker starts while the first is down, and when the node it is on goes away it
+/// carries on through the other, without loss or duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_nodes_fails_over_to_the_one_that_answers() {
+    let mut env = TestEnv::new("failover").await;
+    let upstream = amqp_socket(&env.broker.url);
+    let (a, b) = (
+        TcpProxy::start(upstream).await,
+        TcpProxy::start(upstream).await,
+    );
+    let list = format!(
+        "{},{}",
+        via(&env.broker.url, a.addr),
+        via(&env.broker.url, b.addr)
+    );
+    env.base_args = vec!["--amqp-url".into(), list];
+    env.sandbox.update(|c| c.latency_ms = 20);
+    a.set_refusing(true);
+    let worker = env.start_worker(&["--concurrency", "4"]).await;
+    assert!(eventually(T, || worker.metrics.amqp_connected.get() == 1).await);
+    for i in 0..30 {
+        env.publish(&text_job(&format!("c-{}", i % 7), "on b"))
+            .await;
+    }
+    assert!(eventually(T, || worker.delivered("send-text") >= 10).await);
+    // The node the worker is on goes away; the other is back.
+    a.set_refusing(false);
+    b.set_refusing(true);
+    b.cut();
+    assert!(eventually(T, || worker.metrics.amqp_connected.get() == 0).await);
+    for i in 0..30 {
+        env.publish(&text_job(&format!("c-{}", i % 7), "on a"))
+            .await;
+    }
+    let moved_at = Instant::now();
+    assert!(
+        eventually(T, || worker.metrics.amqp_connected.get() == 1).await,
+        "never reconnected through the other node"
+    );
+    eprintln!(
+        "on the other node {:?} after losing its own",
+        moved_at.elapsed()
+    );
+    assert!(
+        eventually(T, || worker.delivered("send-text") == 60).await,
+        "delivered {}",
+        worker.delivered("send-text")
+    );
+    let counts = accepted_per_uuid(&env);
+    assert_eq!(counts.len(), 60, "every job accepted");
+    assert!(counts.values().all(|&n| n == 1), "none accepted twice");
+    worker.stop().await;
+    assert_eq!(env.queue_len(&env.names.queue.clone()).await, 0);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_the_jobs_already_received() {
     let env = TestEnv::new("drain").await;

@@ -14,11 +14,14 @@ pub mod outgoing;
 pub mod republisher;
 pub mod topology;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use tracing::{info, warn};
 
 use crate::config::{AmqpSettings, AmqpUrlError, redact_url};
 pub use republisher::Republisher;
@@ -131,20 +134,68 @@ pub const DECODER_STACK_BYTES: usize = 256 * 1024 * 1024;
 /// redelivery of that one message. So the worker always takes the broker's value. lapin keeps
 /// 32 frames of buffer each way per connection: at 128 KiB that is 8 MiB of address space, of
 /// which only what large messages touch becomes resident (measured in docs/performance.md).
-fn broker_uri(url: &crate::config::Secret) -> Result<lapin::uri::AMQPUri, AmqpUrlError> {
-    let mut uri = crate::config::amqp_uri(url)?;
-    // None: no limit of the client's own, so the broker's `frame_max` is what is negotiated.
-    uri.query.frame_max = None;
-    Ok(uri)
+fn broker_uris(url: &crate::config::Secret) -> Result<Vec<lapin::uri::AMQPUri>, AmqpUrlError> {
+    let mut uris = crate::config::amqp_uris(url)?;
+    for uri in &mut uris {
+        // None: no limit of the client's own, so the broker's `frame_max` is what is negotiated.
+        uri.query.frame_max = None;
+    }
+    Ok(uris)
 }
 
-/// Opens a connection. Errors name the setting and never show the password.
+/// Where the next connection attempt starts in the list of `AMQP_URL`: the node of the last
+/// connection that opened. One per process: the worker and a command each have one list.
+static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
+
+/// The order to try `n` nodes in, starting with `start`: each once, wrapping around.
+fn attempt_order(start: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (start + i) % n)
+}
+
+/// Opens a connection: to the one node of `AMQP_URL`, or to the first that answers of a list
+/// (starting with the node of the last connection). Errors name the setting and never show the
+/// password.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
-    let url = settings.url.expose();
-    let uri = broker_uri(&settings.url)?;
+    let uris = broker_uris(&settings.url)?;
+    let texts = crate::config::split_amqp_urls(settings.url.expose());
+    let n = uris.len();
+    // A node that does not answer at all (a host gone without a reset) must not hold up the
+    // others for long; a lone node may take its time.
+    let patience = if n == 1 {
+        Duration::from_secs(15)
+    } else {
+        Duration::from_secs(5)
+    };
+    let mut last = None;
+    for i in attempt_order(NEXT_NODE.load(Ordering::Relaxed) % n, n) {
+        match connect_one(uris[i].clone(), texts[i], name, patience).await {
+            Ok(connection) => {
+                NEXT_NODE.store(i, Ordering::Relaxed);
+                if n > 1 {
+                    info!(node = i + 1, of = n, url = %redact_url(texts[i]), "connected to RabbitMQ");
+                }
+                return Ok(connection);
+            }
+            Err(e) => {
+                if n > 1 {
+                    warn!(node = i + 1, of = n, error = %e, "RabbitMQ node unreachable; trying the next");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("AMQP_URL names at least one node"))
+}
+
+async fn connect_one(
+    uri: lapin::uri::AMQPUri,
+    url: &str,
+    name: &str,
+    patience: Duration,
+) -> Result<Connection, AmqpError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = Connection::connect_uri(uri, properties);
-    match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+    match tokio::time::timeout(patience, connecting).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(source)) => Err(AmqpError::Connect {
             url: redact_url(url),
@@ -153,7 +204,10 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
         Err(_) => Err(AmqpError::Connect {
             url: redact_url(url),
             source: lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out after 15s"),
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("timed out after {}s", patience.as_secs()),
+                ),
             ))),
         }),
     }
@@ -261,16 +315,25 @@ mod tests {
 
     #[test]
     fn always_takes_the_brokers_frame_size() {
-        let uri = broker_uri(&Secret::new("amqp://u:p@host:5672/%2f")).unwrap();
+        let uri = &broker_uris(&Secret::new("amqp://u:p@host:5672/%2f")).unwrap()[0];
         assert_eq!(uri.query.frame_max, None);
         assert_eq!(uri.authority.userinfo.password, "p");
-        let uri = broker_uri(&Secret::new(
-            "amqp://u:p@host:5672/%2f?frame_max=16384&heartbeat=5",
+        let uris = broker_uris(&Secret::new(
+            "amqp://u:p@host:5672/%2f?frame_max=16384&heartbeat=5,amqp://u:p@other/%2f?frame_max=4096",
         ))
         .unwrap();
-        assert_eq!(uri.query.frame_max, None);
-        assert_eq!(uri.query.heartbeat, Some(5));
-        assert!(broker_uri(&Secret::new("http://nope")).is_err());
+        assert_eq!(uris.len(), 2);
+        assert!(uris.iter().all(|u| u.query.frame_max.is_none()));
+        assert_eq!(uris[0].query.heartbeat, Some(5));
+        assert_eq!(uris[1].authority.host, "other");
+        assert!(broker_uris(&Secret::new("http://nope")).is_err());
+    }
+
+    #[test]
+    fn every_node_is_tried_once_from_the_last_good_one() {
+        assert_eq!(attempt_order(0, 1).collect::<Vec<_>>(), [0]);
+        assert_eq!(attempt_order(2, 3).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(attempt_order(1, 3).collect::<Vec<_>>(), [1, 2, 0]);
     }
 
     #[test]

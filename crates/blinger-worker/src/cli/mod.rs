@@ -21,7 +21,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 
 use crate::broker::{self, AmqpError};
-use crate::config::{AmqpSettings, AmqpUrlError, amqp_uri};
+use crate::config::{AmqpSettings, AmqpUrlError, amqp_uris};
 
 /// One connection with one channel, closed politely by [`Link::close`].
 pub(crate) struct Link {
@@ -37,7 +37,7 @@ impl Link {
         name: &str,
         confirm: bool,
     ) -> Result<Link, E> {
-        amqp_uri(&settings.url)?;
+        amqp_uris(&settings.url)?;
         let connection = broker::connect(settings, name).await?;
         let channel = connection
             .create_channel()
