@@ -1208,3 +1208,35 @@ fn receipts_built_by_the_worker_match_the_schema() {
         );
     }
 }
+
+/// The metrics contract that the dashboard and alert rules are checked against in CI
+/// (`.ci/metrics-contract.py`) keeps its label values as literals on purpose: dashboards rely on
+/// them, so they change only by a deliberate edit there. This holds the code to that list: a
+/// kind or a dead-letter reason added in code but not to the contract fails here.
+#[test]
+fn the_metrics_contract_lists_the_kinds_and_reasons_of_the_code() {
+    let script = std::fs::read_to_string(root().join(".ci/metrics-contract.py"))
+        .expect(".ci/metrics-contract.py");
+    let set = |name: &str| -> std::collections::BTreeSet<String> {
+        let line = script
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} = {{")))
+            .unwrap_or_else(|| panic!("{name} = {{...}} in .ci/metrics-contract.py"));
+        let inside = line
+            .split_once('{')
+            .and_then(|(_, rest)| rest.rsplit_once('}'))
+            .map(|(inside, _)| inside)
+            .expect("a one-line set literal");
+        inside
+            .split(',')
+            .map(|v| v.trim().trim_matches('"').to_owned())
+            .filter(|v| !v.is_empty())
+            .collect()
+    };
+    let mut kinds: std::collections::BTreeSet<String> =
+        Kind::ALL.iter().map(|k| k.as_str().to_owned()).collect();
+    kinds.insert("unknown".into());
+    assert_eq!(set("KINDS"), kinds);
+    let reasons = all_reasons().into_iter().map(str::to_owned).collect();
+    assert_eq!(set("REASONS"), reasons);
+}
