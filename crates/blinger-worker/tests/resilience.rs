@@ -115,6 +115,49 @@ async fn a_list_of_nodes_fails_over_to_the_one_that_answers() {
     env.cleanup().await;
 }
 
+/// A job retrying in-process when its broker session is lost stops calling Blinger: the broker
+/// redelivers it on the next session (with several replicas, to another one), and that copy
+/// makes the calls. Before the fix the old copy went on with its backoff round on a session
+/// that no longer existed (seen failing: calls went on during the outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_session_is_lost_makes_no_further_call() {
+    let mut env = TestEnv::new("lostcall").await;
+    let proxy = TcpProxy::start(amqp_socket(&env.broker.url)).await;
+    env.base_args = vec!["--amqp-url".into(), via(&env.broker.url, proxy.addr)];
+    env.sandbox.update(|c| c.status_override = Some(503));
+    let worker = env
+        .start_worker(&["--max-in-process-attempts", "100"])
+        .await;
+    env.publish(&text_job("c-lost", "retry me")).await;
+    assert!(eventually(T, || env.sandbox.requests().len() >= 3).await);
+    proxy.set_refusing(true);
+    proxy.cut();
+    assert!(eventually(T, || worker.metrics.amqp_connected.get() == 0).await);
+    // A call already on its way when the session went may still land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_loss = env.sandbox.requests().len();
+    // Backoff from 250 ms, doubling: the old copy would have called at least twice in 8 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = env.sandbox.requests().len();
+    assert_eq!(
+        after,
+        at_loss,
+        "{} calls for a job whose session was gone",
+        after - at_loss
+    );
+    // Back: the redelivered copy is delivered, once.
+    env.sandbox.update(|c| c.status_override = None);
+    proxy.set_refusing(false);
+    assert!(
+        eventually(T, || worker.delivered("send-text") == 1).await,
+        "delivered {}",
+        worker.delivered("send-text")
+    );
+    worker.stop().await;
+    assert_eq!(env.queue_len(&env.names.queue.clone()).await, 0);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_the_jobs_already_received() {
     let env = TestEnv::new("drain").await;

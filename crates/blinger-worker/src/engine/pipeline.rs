@@ -440,6 +440,7 @@ impl Pipeline {
                 // A job held by a pause still expires on time (and leaves the gate).
                 let pass = tokio::select! {
                     biased;
+                    _ = work.session.alive.cancelled() => return Outcome::HandedBack,
                     pass = self.gate.admit(ticket, &self.stopping) => pass,
                     _ = until_expiry(job) => Pass::Open,
                 };
@@ -453,6 +454,7 @@ impl Pipeline {
                 tokio::select! {
                     biased;
                     _ = self.stopping.cancelled() => return Outcome::HandedBack,
+                    _ = work.session.alive.cancelled() => return Outcome::HandedBack,
                     _ = tokio::time::sleep(p.delay()) => {}
                     _ = until_expiry(job) => {}
                 }
@@ -474,6 +476,7 @@ impl Pipeline {
                 tokio::select! {
                     biased;
                     _ = self.abort.cancelled() => return Outcome::HandedBack,
+                    _ = work.session.alive.cancelled() => return Outcome::HandedBack,
                     permit = self.keyless.clone().acquire_owned() => {
                         keyless = Some(permit.expect("never closed"));
                     }
@@ -482,7 +485,14 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = self.abort.cancelled() => return Outcome::HandedBack,
+                _ = work.session.alive.cancelled() => return Outcome::HandedBack,
                 _ = self.limiter.acquire() => {}
+            }
+            // A job whose session is gone is the broker's again: it redelivers it on the next
+            // session (to another replica, once there are several), and that copy calls; a call
+            // from here would only repeat it.
+            if work.session.alive.is_cancelled() {
+                return Outcome::HandedBack;
             }
             trail.add_attempt();
             let started = Instant::now();
@@ -573,15 +583,19 @@ impl Pipeline {
                     let tier = match round.after_failure(failure.retry_after) {
                         Next::Wait(delay) => {
                             debug!(id = %job.id, attempts = trail.attempts, ?delay, error = %failure.detail, "transient failure; retrying");
-                            if self.sleep_unless(&self.stopping, delay).await {
-                                self.metrics
-                                    .jobs_retried
-                                    .with_label_values(&[kind.as_str()])
-                                    .inc();
-                                continue;
+                            match self.wait_retry(work, delay).await {
+                                Waited::Elapsed => {
+                                    self.metrics
+                                        .jobs_retried
+                                        .with_label_values(&[kind.as_str()])
+                                        .inc();
+                                    continue;
+                                }
+                                // Its session is gone: the broker redelivers it (see above).
+                                Waited::SessionLost => return Outcome::HandedBack,
+                                // Shutting down: park now rather than hand the job back.
+                                Waited::Stopping => round.park_tier(failure.retry_after),
                             }
-                            // Shutting down: park now rather than hand the job back.
-                            round.park_tier(failure.retry_after)
                         }
                         Next::Park { tier } => Some(tier),
                         Next::GiveUp => None,
@@ -866,6 +880,17 @@ impl Pipeline {
         Duration::from_millis(now.saturating_sub(start_ms))
     }
 
+    /// The backoff before the next in-process attempt, cut short by shutdown or by the loss of
+    /// the job's session.
+    async fn wait_retry(&self, work: &Work, delay: Duration) -> Waited {
+        tokio::select! {
+            biased;
+            _ = self.stopping.cancelled() => Waited::Stopping,
+            _ = work.session.alive.cancelled() => Waited::SessionLost,
+            _ = tokio::time::sleep(delay) => Waited::Elapsed,
+        }
+    }
+
     /// Sleeps, unless `stop` fires first (returns false then).
     async fn sleep_unless(&self, stop: &CancellationToken, delay: Duration) -> bool {
         tokio::select! {
@@ -874,6 +899,13 @@ impl Pipeline {
             _ = tokio::time::sleep(delay) => true,
         }
     }
+}
+
+/// How a retry backoff ended.
+enum Waited {
+    Elapsed,
+    Stopping,
+    SessionLost,
 }
 
 /// The chains, kept in the store across restarts.
