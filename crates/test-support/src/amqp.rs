@@ -148,6 +148,8 @@ pub struct DeadLetter {
     pub headers: BTreeMap<String, String>,
     pub content_type: Option<String>,
     pub timestamp: Option<u64>,
+    /// The properties as they came, headers included (to put a message back as it was).
+    pub properties: BasicProperties,
 }
 
 impl DeadLetter {
@@ -174,6 +176,7 @@ impl DeadLetter {
                 .as_ref()
                 .map(|c| c.as_str().to_owned()),
             timestamp: *delivery.properties.timestamp(),
+            properties: delivery.properties.clone(),
         }
     }
 

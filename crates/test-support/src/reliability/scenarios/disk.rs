@@ -302,13 +302,16 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let boundaries: Vec<SystemTime> = vec![worker.kill9()];
     // Jobs not acked are back in the queue: take them (to put them back after the audit).
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each is put back where it was, as it was: a parked job keeps its sealed trail (its place
+    // in its conversation's chain), or the restarted worker would wait for chain members that
+    // never come back.
     let mut taken: Vec<Msg> = Vec::new();
     for q in std::iter::once(world.names.queue.clone()).chain(world.tier_queues()) {
         for m in world.take_all(&q).await {
             taken.push(Msg {
-                routing_key: "send-text".into(),
+                routing_key: q.clone(),
                 body: m.body,
-                properties: None,
+                properties: Some(m.properties),
             });
         }
     }
@@ -358,8 +361,11 @@ pub async fn run(ctx: &Ctx) -> Figures {
         }
     }
     let _ = store.close().await;
-    // Put the unacked jobs back (same bodies) and restart with space.
-    world.publish(&taken).await;
+    // Put the unacked jobs back (same bodies, same properties, same queues) and restart with
+    // space.
+    crate::amqp::publish_batch(world.publisher.channel(), "", &taken)
+        .await
+        .expect("the unacked jobs put back");
     let restart_at = Instant::now();
     let mut worker = world.start_worker(&[("BLINGER_WORKER_RATE_LIMIT", "500")]);
     let e_all = Expect::of(&plan, &HashSet::new());
