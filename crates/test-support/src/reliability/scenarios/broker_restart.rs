@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Mutex;
 
-use super::{Expect, Progress, conclude, mean_max};
+use super::{Expect, Progress, conclude, mean_max, wait_settled};
 use crate::reliability::Ctx;
 use crate::reliability::broker::PrivateBroker;
 use crate::reliability::harness::{World, secs};
@@ -123,7 +123,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
             Duration::from_secs(ctx.pick(120, 600)),
         )
         .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_settled(&world, &worker, Duration::from_secs(60)).await;
     watching.store(false, Ordering::SeqCst);
     let _ = watcher.await;
     let ready_after = worker.readyz().await;

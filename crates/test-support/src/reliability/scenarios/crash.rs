@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Expect, Progress, conclude, dead_summary, finish, mean_max};
+use super::{Expect, Progress, conclude, wait_settled, dead_summary, finish, mean_max};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, secs};
 use crate::reliability::jobs::Plan;
@@ -88,7 +88,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let drained = progress
         .wait_all(&world.sandbox, &expect, drain_timeout)
         .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_settled(&world, &worker, Duration::from_secs(60)).await;
     let (exit, stop_took) = worker.stop(Duration::from_secs(60)).await;
     let out = conclude(&world, &plan, &boundaries).await;
     let a = &out.analysis;
