@@ -280,10 +280,11 @@ impl TestEnv {
 
     /// Deletes this test's queues (every tier any of its workers used) and exchanges.
     pub async fn cleanup(self) {
-        let mut queues: Vec<String> = self.used_queues.lock().unwrap().iter().cloned().collect();
-        queues.extend(amqp::queues_of(&Topology::new(
+        let mut used = std::mem::take(&mut *self.used_queues.lock().unwrap());
+        used.extend(amqp::queues_of(&Topology::new(
             &self.names.amqp_settings(&self.broker.url, TEST_DELAYS),
         )));
+        let queues: Vec<String> = used.into_iter().collect();
         amqp::delete_all(
             &self.conn,
             &queues,
