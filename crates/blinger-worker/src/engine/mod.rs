@@ -7,12 +7,14 @@
 //! - [`retry`]: backoff and the delay tiers; [`ratelimit`]: the global request cap;
 //! - [`pause`]: pausing on 401/403 and the probe that resumes;
 //! - [`decide`]: what follows a call Blinger did not accept (a pure table);
-//! - [`pipeline`]: one job from delivery to ack, driving the above.
+//! - [`pipeline`]: one job from delivery to ack, driving the above;
+//! - [`partition`]: which partition queue a conversation belongs to (partitioned mode).
 
 pub mod decide;
 pub mod dispatch;
 pub mod fair;
 pub mod order;
+pub mod partition;
 pub mod pause;
 pub mod pipeline;
 pub mod ratelimit;
