@@ -371,6 +371,7 @@ fn session() -> Arc<SessionLink> {
         outbox: Arc::new(MemoryOutbox::default()),
         alive: CancellationToken::new(),
         header_budget: blinger_worker::broker::outgoing::DEFAULT_HEADER_BUDGET,
+        group: 0,
     })
 }
 

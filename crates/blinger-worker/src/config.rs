@@ -248,6 +248,14 @@ pub struct AmqpSettings {
         value_parser = parse_delays
     )]
     pub retry_delays: Delays,
+
+    /// Partition queues (docs/scale-out.md). 0: one work queue, as before. P > 0: the jobs go
+    /// through a router into P partition queues by conversation (`{queue}.p.00`…), each taken by
+    /// one consumer at a time. Fixed at install: the worker refuses to start with a count other
+    /// than the one the topology was declared with (docs/deploy.md, "Partitions").
+    #[arg(long, env = "BLINGER_WORKER_PARTITIONS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=crate::engine::partition::MAX_PARTITIONS as i64))]
+    pub partitions: u16,
 }
 
 /// A non-empty list of delays, parsed from `5s,30s,2m`.
@@ -328,6 +336,13 @@ pub struct RunSettings {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
+    /// Unacknowledged messages per partition queue when BLINGER_WORKER_PARTITIONS > 0 (the fair
+    /// share then applies within each partition). Default: PREFETCH / PARTITIONS rounded up, at
+    /// least 16.
+    #[arg(long, env = "BLINGER_WORKER_PARTITION_PREFETCH",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub partition_prefetch: Option<u16>,
+
     /// Fair share of the prefetch (see README "Delivery guarantees"): once the worker holds
     /// prefetch minus this many deliveries, a new job of a conversation holding this many (or of
     /// a keyless kind while those hold this many) is deferred round a delay tier, so the other
@@ -391,6 +406,9 @@ pub struct RunSettings {
     pub trail_key: Option<Secret>,
 }
 
+/// Smallest default prefetch of a partition consumer: enough for a fair share of 8.
+pub const MIN_PARTITION_PREFETCH: u16 = 16;
+
 /// Where the token comes from. A file is re-read on demand, a literal never changes.
 #[derive(Debug, Clone)]
 pub enum TokenSource {
@@ -450,6 +468,14 @@ impl TokenSource {
 }
 
 impl RunSettings {
+    /// The prefetch of each partition consumer (partitioned mode).
+    pub fn partition_prefetch(&self) -> u16 {
+        self.partition_prefetch.unwrap_or_else(|| {
+            let partitions = self.amqp.partitions.max(1);
+            self.prefetch.div_ceil(partitions).max(MIN_PARTITION_PREFETCH)
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !matches!(self.api_url.scheme(), "http" | "https") || self.api_url.cannot_be_a_base() {
             return Err(ConfigError::ApiUrl);

@@ -9,9 +9,11 @@
 
 pub mod acks;
 pub mod confirms;
+pub mod layout;
 pub mod outbox;
 pub mod outgoing;
 pub mod republisher;
+pub mod router;
 pub mod topology;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +61,8 @@ pub enum AmqpError {
     Unroutable(String),
     #[error(transparent)]
     Url(#[from] AmqpUrlError),
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
     #[error("publish abandoned: the worker is stopping")]
     Abandoned,
 }
@@ -71,14 +75,20 @@ pub struct Session {
     pub publish: Channel,
     /// Delay-tier and dead-letter republishes.
     pub republisher: std::sync::Arc<Republisher>,
+    /// Partitioned mode: one consuming channel per partition queue, in partition order (each
+    /// with its own prefetch and acks, so one partition can be handed back alone). Empty in
+    /// single-queue mode, where `consume` takes the work queue.
+    pub partitions: Vec<Channel>,
 }
 
 impl Session {
-    /// Connects, opens the channels and declares the topology.
+    /// Connects, opens the channels and declares the topology; checks the partition layout.
+    /// `prefetch` is the work queue's, `partition_prefetch` each partition consumer's.
     pub async fn open(
         settings: &AmqpSettings,
         topology: &Topology,
         prefetch: u16,
+        partition_prefetch: u16,
         name: &str,
     ) -> Result<Session, AmqpError> {
         let connection = connect(settings, name).await?;
@@ -94,11 +104,21 @@ impl Session {
         topology::declare_upgrading(&connection, &publish, settings, topology)
             .await
             .map_err(AmqpError::Declare)?;
+        layout::check(&connection, topology).await?;
+        let mut partitions = Vec::new();
+        for _ in topology.partitioned.iter().flat_map(|p| &p.queues) {
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(partition_prefetch, BasicQosOptions::default())
+                .await?;
+            partitions.push(channel);
+        }
         Ok(Session {
             connection,
             consume,
             publish,
             republisher: std::sync::Arc::new(republisher),
+            partitions,
         })
     }
 
@@ -107,6 +127,9 @@ impl Session {
     pub async fn close(&self) {
         let closing = async {
             let _ = self.consume.close(200, "shutdown".into()).await;
+            for channel in &self.partitions {
+                let _ = channel.close(200, "shutdown".into()).await;
+            }
             let _ = self.publish.close(200, "shutdown".into()).await;
             self.republisher.close().await;
             let _ = self.connection.close(200, "shutdown".into()).await;

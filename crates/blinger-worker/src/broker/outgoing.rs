@@ -137,6 +137,66 @@ pub fn outgoing(
     out
 }
 
+/// The properties of the router's copy of a message into its partition queue (partitioned
+/// mode): the message as the publisher (or a delay tier) sent it, less what would change where
+/// it goes or in what order it is taken.
+///
+/// Unlike [`outgoing`], the worker's sealed `x-blinger-*` headers are kept byte for byte (a tier
+/// return's seal must still verify; a forged one still fails), and so is `expiration`. Dropped:
+/// `CC`/`BCC` (any case; on the partitions' direct exchange they would copy the job into other
+/// partitions), `priority` (a quorum queue on RabbitMQ 4.x takes high-priority messages first,
+/// so a publisher's priority would reorder a conversation), `user_id` (the broker checked it
+/// against the publisher's user; under the worker's it would be refused and close the router's
+/// channel), the broker's own `x-death`-family headers, and headers nested deeper than the
+/// worker copies anywhere. Nothing is added, so the copy's header frame is never larger than the
+/// one the broker accepted.
+pub fn routed(original: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default().with_delivery_mode(2);
+    if let Some(headers) = original.headers() {
+        let mut table = FieldTable::default();
+        for (name, value) in headers.inner() {
+            let lower = name.as_str().to_ascii_lowercase();
+            let keep = (lower.starts_with(WORKER_PREFIX) || is_copyable(name.as_str()))
+                && encoded_len(value, 0).is_some();
+            if keep {
+                table.insert(name.clone(), value.clone());
+            }
+        }
+        out = out.with_headers(table);
+    }
+    if let Some(v) = original.expiration() {
+        out = out.with_expiration(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    if let Some(v) = original.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    out
+}
+
 fn short_as_long(s: &ShortString) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_str().as_bytes().to_vec()))
 }
@@ -191,6 +251,44 @@ mod tests {
             .as_ref()
             .map(|t| encoded_len(&AMQPValue::FieldTable(t.clone()), 0).unwrap_or(usize::MAX))
             .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_routed_copy_keeps_the_trail_and_drops_what_steers_it() {
+        let mut deep = AMQPValue::LongString(LongString::from("leaf"));
+        for _ in 0..=MAX_DEPTH + 1 {
+            deep = AMQPValue::FieldArray(FieldArray::from(vec![deep]));
+        }
+        let mut h = hostile().headers().clone().unwrap();
+        h.insert("deep".into(), deep);
+        h.insert("x-first-death-queue".into(), ls("q"));
+        let original = hostile()
+            .with_headers(h)
+            .with_expiration("60000".into())
+            .with_priority(9)
+            .with_user_id("publisher".into())
+            .with_reply_to("r".into())
+            .with_delivery_mode(1);
+        let copy = routed(&original);
+        let names: Vec<_> = copy
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        assert_eq!(names, ["X-Blinger-Chain", "trace-id", "x-blinger-retries"]);
+        let headers = copy.headers().as_ref().unwrap().inner();
+        assert_eq!(headers.get("x-blinger-retries"), Some(&AMQPValue::LongLongInt(99)));
+        assert_eq!(copy.expiration().as_ref().map(|e| e.as_str()), Some("60000"));
+        assert_eq!(copy.reply_to().as_ref().map(|e| e.as_str()), Some("r"));
+        assert_eq!(*copy.priority(), None);
+        assert_eq!(*copy.user_id(), None);
+        assert_eq!(*copy.delivery_mode(), Some(2));
+        assert_eq!(copy.content_type(), original.content_type());
+        assert_eq!(copy.message_id(), original.message_id());
+        assert_eq!(routed(&copy), copy, "a second hop changes nothing");
     }
 
     fn hostile() -> BasicProperties {

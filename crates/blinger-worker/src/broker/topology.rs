@@ -17,6 +17,19 @@
 //! [`PARKING_DELIVERY_LIMIT`]. A queue declared by an earlier version without it is kept as it is
 //! (see [`declare_upgrading`]): RabbitMQ refuses to redeclare a queue with other arguments.
 //!
+//! In partitioned mode (`BLINGER_WORKER_PARTITIONS` = P > 0, docs/scale-out.md 4.2) the
+//! publishers' exchange feeds the router's input instead of the work queue, and the work queue
+//! keeps only what comes back from the delay tiers (their dead-letter target):
+//!
+//! ```text
+//! exchange blinger.outbound ─"#"─> queue blinger.outbound.in (single active consumer: the router)
+//! queue blinger.outbound (returns of the delay tiers; routed too, not bound to the exchange)
+//! exchange blinger.outbound.partitions (direct; alternate exchange blinger.outbound.unrouted)
+//!   └─ "00".."15" ─> queues blinger.outbound.p.00 .. .p.15 (single active consumer each)
+//! exchange blinger.outbound.unrouted (fanout) ─> queue blinger.outbound.unrouted (routed again)
+//! stream blinger.outbound.topology (one record: P and the hash version, checked at every start)
+//! ```
+//!
 //! Delay tiers use per-queue TTLs, not a broker plugin: every message in a tier waits the same
 //! time, so they leave in the order they entered. With quorum queues, broker-side dead-lettering is
 //! `at-least-once` (which requires `overflow: reject-publish`), so a message moving between queues
@@ -27,6 +40,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{AmqpSettings, QueueType};
+use crate::engine::partition::label;
 use crate::engine::retry::tier_queue_name;
 
 /// Messages ready in `queue` (unacknowledged ones not counted), read by a passive declare:
@@ -64,6 +78,52 @@ pub struct Topology {
     pub receipts_exchange: String,
     /// Tier queue names, in the order of [`AmqpSettings::retry_delays`].
     pub tiers: Vec<String>,
+    /// The partitioned topology; `None` in single-queue mode (P = 0).
+    pub partitioned: Option<Partitioned>,
+}
+
+/// Names of the partitioned mode's queues and exchanges, derived from the work queue's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitioned {
+    /// P.
+    pub count: u16,
+    /// The router's input, bound to the publishers' exchange: `{queue}.in`.
+    pub input: String,
+    /// Direct exchange of the partition queues: `{queue}.partitions`.
+    pub exchange: String,
+    /// Alternate exchange of [`Partitioned::exchange`] and its queue: `{queue}.unrouted`.
+    pub unrouted: String,
+    /// The stream holding the layout record: `{queue}.topology`.
+    pub layout: String,
+    /// `{queue}.p.00` … in partition order.
+    pub queues: Vec<String>,
+}
+
+impl Partitioned {
+    pub fn new(queue: &str, count: u16) -> Partitioned {
+        Partitioned {
+            count,
+            input: format!("{queue}.in"),
+            exchange: format!("{queue}.partitions"),
+            unrouted: format!("{queue}.unrouted"),
+            layout: format!("{queue}.topology"),
+            queues: (0..count)
+                .map(|p| format!("{queue}.p.{}", label(p, count)))
+                .collect(),
+        }
+    }
+
+    /// The routing key of partition `p` on [`Partitioned::exchange`].
+    pub fn routing_key(&self, p: u16) -> String {
+        label(p, self.count)
+    }
+
+    /// Every queue of the partitioned mode (the work queue and the tiers aside).
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut all = vec![self.input.clone(), self.unrouted.clone(), self.layout.clone()];
+        all.extend(self.queues.iter().cloned());
+        all
+    }
 }
 
 impl Topology {
@@ -79,6 +139,8 @@ impl Topology {
                 .iter()
                 .map(|d| tier_queue_name(&settings.queue, *d))
                 .collect(),
+            partitioned: (settings.partitions > 0)
+                .then(|| Partitioned::new(&settings.queue, settings.partitions)),
         }
     }
 }
@@ -179,17 +241,15 @@ async fn declare_all(
         &topology.dead_letter_queue,
     );
     channel
-        .queue_declare(topology.queue.as_str().into(), durable, work_args)
+        .queue_declare(topology.queue.as_str().into(), durable, work_args.clone())
         .await?;
-    channel
-        .queue_bind(
-            topology.queue.as_str().into(),
-            topology.exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    match &topology.partitioned {
+        None => bind(channel, &topology.queue, &topology.exchange, "#").await?,
+        Some(partitioned) => {
+            declare_partitioned(channel, settings.queue_type, topology, partitioned, work_args)
+                .await?
+        }
+    }
 
     for (name, delay) in topology.tiers.iter().zip(&settings.retry_delays.0) {
         let mut args = type_args(settings.queue_type);
@@ -200,6 +260,105 @@ async fn declare_all(
         dead_letter_to(&mut args, settings.queue_type, &topology.queue);
         declare_parking(connection, channel, name, settings.queue_type, args).await?;
     }
+    Ok(())
+}
+
+async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// The partitioned mode's additions. The work queue is unbound from the publishers' exchange
+/// (a no-op when it never was): what it receives from now on are the tiers' returns, and a job
+/// published to both it and the router's input would be routed twice.
+async fn declare_partitioned(
+    channel: &Channel,
+    queue_type: QueueType,
+    topology: &Topology,
+    partitioned: &Partitioned,
+    work_args: FieldTable,
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let exchange = |name: &str, kind: ExchangeKind, args: FieldTable| {
+        let name = name.to_owned();
+        async move {
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    kind,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    args,
+                )
+                .await
+        }
+    };
+    let mut single_active = work_args;
+    single_active.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+
+    channel
+        .queue_declare(
+            partitioned.input.as_str().into(),
+            durable,
+            single_active.clone(),
+        )
+        .await?;
+    bind(channel, &partitioned.input, &topology.exchange, "#").await?;
+    channel
+        .queue_unbind(
+            topology.queue.as_str().into(),
+            topology.exchange.as_str().into(),
+            "#".into(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    exchange(
+        &partitioned.unrouted,
+        ExchangeKind::Fanout,
+        FieldTable::default(),
+    )
+    .await?;
+    channel
+        .queue_declare(
+            partitioned.unrouted.as_str().into(),
+            durable,
+            type_args(queue_type),
+        )
+        .await?;
+    bind(channel, &partitioned.unrouted, &partitioned.unrouted, "").await?;
+    let mut alternate = FieldTable::default();
+    alternate.insert("alternate-exchange".into(), string(&partitioned.unrouted));
+    exchange(&partitioned.exchange, ExchangeKind::Direct, alternate).await?;
+    for (p, name) in (0..partitioned.count).zip(&partitioned.queues) {
+        channel
+            .queue_declare(name.as_str().into(), durable, single_active.clone())
+            .await?;
+        bind(
+            channel,
+            name,
+            &partitioned.exchange,
+            &partitioned.routing_key(p),
+        )
+        .await?;
+    }
+    let mut stream = FieldTable::default();
+    stream.insert("x-queue-type".into(), string("stream"));
+    channel
+        .queue_declare(partitioned.layout.as_str().into(), durable, stream)
+        .await?;
     Ok(())
 }
 

@@ -8,7 +8,8 @@
 //! [`Pipeline::keyless`], hold no slot). Invalid messages need no order: they are
 //! dead-lettered straight away.
 //!
-//! What waits in a lane is unacked and counts against the prefetch: a job arriving for a
+//! What waits in a lane is unacked and counts against the prefetch (in partitioned mode, its
+//! partition consumer's prefetch: the counts are kept per [`SessionLink::group`]): a job arriving for a
 //! conversation (or of a keyless kind) that holds its share of the prefetch is deferred round a
 //! delay tier instead ([`crate::engine::fair`]), so one conversation cannot keep the others' jobs from
 //! arriving.
@@ -50,19 +51,33 @@ pub struct Dispatcher {
 /// Weight of the newest job in [`Dispatcher::job_micros`]: 1/16.
 const JOB_TIME_WEIGHT: u64 = 16;
 
-/// The lanes, and the deliveries held (not yet acked or handed back).
+/// The lanes, and the deliveries held (not yet acked or handed back) per fair-share group.
 #[derive(Default)]
 struct Lanes {
     lanes: HashMap<String, Lane>,
+    groups: HashMap<u16, Count>,
+}
+
+/// Deliveries held of one fair-share group ([`SessionLink::group`]: one partition, or the whole
+/// work queue), each group sharing its own prefetch.
+#[derive(Default)]
+struct Count {
     total: usize,
     keyless: usize,
 }
 
-/// One conversation's jobs: waiting ones, and `held` = those plus the running one.
-#[derive(Default)]
+impl Lanes {
+    fn group(&mut self, group: u16) -> &mut Count {
+        self.groups.entry(group).or_default()
+    }
+}
+
+/// One conversation's jobs: waiting ones, and `held` = those plus the running one. A
+/// conversation's deliveries all come from one group.
 struct Lane {
     waiting: VecDeque<Work>,
     held: usize,
+    group: u16,
 }
 
 fn is_keyless(work: &Work) -> bool {
@@ -162,7 +177,8 @@ impl Dispatcher {
         let conversation = match &work.job {
             Ok(job) => job.conversation_id.clone(),
             Err(_) => {
-                lanes.total += 1;
+                let group = session.group;
+                lanes.group(group).total += 1;
                 drop(lanes);
                 let this = self.clone();
                 self.tasks.spawn(async move {
@@ -174,18 +190,21 @@ impl Dispatcher {
                             .expect("semaphore never closed");
                         Box::pin(this.pipeline.process(work, None)).await;
                     }
-                    this.lanes.lock().expect("lanes lock").total -= 1;
+                    this.lanes.lock().expect("lanes lock").group(group).total -= 1;
                 });
                 return;
             }
         };
+        let group = session.group;
+        let conversation_held = lanes.lanes.get(&conversation).map_or(0, |lane| lane.held);
+        let count = lanes.group(group);
         let held = Held {
-            total: lanes.total,
-            conversation: lanes.lanes.get(&conversation).map_or(0, |lane| lane.held),
-            keyless: lanes.keyless,
+            total: count.total,
+            conversation: conversation_held,
+            keyless: count.keyless,
         };
-        lanes.total += 1;
-        lanes.keyless += usize::from(keyless);
+        count.total += 1;
+        count.keyless += usize::from(keyless);
         let per_job = Duration::from_micros(self.job_micros.load(Ordering::Relaxed));
         // Not while paused: nothing flows then, and deferred jobs would only go round.
         if self.fair.admit(held, keyless) == Admit::Defer
@@ -197,8 +216,9 @@ impl Dispatcher {
             self.tasks.spawn(async move {
                 if this.pipeline.park_deferred(&work, tier).await {
                     let mut lanes = this.lanes.lock().expect("lanes lock");
-                    lanes.total -= 1;
-                    lanes.keyless -= usize::from(keyless);
+                    let count = lanes.group(group);
+                    count.total -= 1;
+                    count.keyless -= usize::from(keyless);
                 } else {
                     // Not sent round: it waits in its lane after all (still in the chain, so
                     // nothing younger overtook it).
@@ -225,11 +245,13 @@ impl Dispatcher {
                 lane.held += 1;
                 return;
             }
+            let group = work.session.group;
             lanes.lanes.insert(
                 conversation.clone(),
                 Lane {
                     waiting: VecDeque::from([work]),
                     held: 1,
+                    group,
                 },
             );
         }
@@ -249,8 +271,9 @@ impl Dispatcher {
             .expect("a running lane exists");
         if let Some(keyless) = finished {
             lane.held -= 1;
-            lanes.total -= 1;
-            lanes.keyless -= usize::from(keyless);
+            let count = lanes.groups.entry(lane.group).or_default();
+            count.total -= 1;
+            count.keyless -= usize::from(keyless);
         }
         let next = lane.waiting.pop_front();
         if next.is_none() {

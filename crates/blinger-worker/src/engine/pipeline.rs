@@ -61,6 +61,9 @@ pub struct SessionLink {
     /// Most bytes of a publisher's headers a republish on this session copies
     /// ([`outgoing::header_budget`] of the negotiated frame size).
     pub header_budget: usize,
+    /// The fair-share group of this link's deliveries: its partition in partitioned mode (each
+    /// partition consumer has its own prefetch to share), 0 for the work queue.
+    pub group: u16,
 }
 
 /// One message taken from the work queue.
@@ -1040,6 +1043,7 @@ mod tests {
             outbox: outbox.clone(),
             alive: CancellationToken::new(),
             header_budget: outgoing::DEFAULT_HEADER_BUDGET,
+            group: 0,
         });
         World {
             pipeline,

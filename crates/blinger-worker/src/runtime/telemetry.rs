@@ -45,6 +45,8 @@ pub struct Metrics {
     pub paused: IntGauge,
     pub store_flush_duration: Histogram,
     pub receipts_failed: IntCounter,
+    pub router_routed: IntCounter,
+    pub router_unrouted: IntCounter,
 }
 
 impl Metrics {
@@ -168,6 +170,29 @@ impl Metrics {
                 let c = IntCounter::new(
                     "blinger_worker_receipts_failed_total",
                     "Delivery receipts that could not be published (the jobs were acked anyway).",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            router_routed: {
+                let c = IntCounter::new(
+                    "blinger_worker_router_routed_total",
+                    "Messages the router copied into their partition queue (partitioned mode).",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            router_unrouted: {
+                let c = IntCounter::new(
+                    "blinger_worker_router_unrouted_total",
+                    "Messages the router took back from the unrouted queue: each was routed while \
+                     its partition queue was missing (someone deleted it), and is routed again.",
                 )
                 .expect("metric definition");
                 registry

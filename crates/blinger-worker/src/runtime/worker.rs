@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 use crate::blinger::Client;
 use crate::blinger::client::ClientError;
 use crate::broker::outbox::SessionOutbox;
+use crate::broker::router::Router;
 use crate::broker::{AmqpError, Session, Topology};
 use crate::config::{ConfigError, RunSettings, TokenSource, redact_url};
 use crate::contract::trail::{TrailKey, TrailKeyError};
@@ -88,6 +89,7 @@ impl Worker {
             &settings.amqp,
             &topology,
             settings.prefetch,
+            settings.partition_prefetch(),
             &connection_name(),
         )
         .await?;
@@ -116,11 +118,17 @@ impl Worker {
                 .then(|| settings.amqp.receipts_exchange.clone()),
             keyless_concurrency: Some(settings.keyless_concurrency as usize),
         }));
+        // Each partition consumer shares its own prefetch (see `dispatch`).
+        let shared = if settings.amqp.partitions > 0 {
+            settings.partition_prefetch()
+        } else {
+            settings.prefetch
+        };
         let dispatcher = Dispatcher::with_slow_start(
             pipeline.clone(),
             settings.concurrency as usize,
             settings.max_body_bytes,
-            crate::engine::fair::FairShare::new(settings.prefetch, settings.fair_share),
+            crate::engine::fair::FairShare::new(shared, settings.fair_share),
         );
         Ok(Worker {
             settings,
@@ -196,7 +204,7 @@ impl Worker {
                     let name = connection_name();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        opened = Session::open(&settings.amqp, topology, settings.prefetch, &name) => match opened {
+                        opened = Session::open(&settings.amqp, topology, settings.prefetch, settings.partition_prefetch(), &name) => match opened {
                             Ok(session) => {
                                 info!("reconnected to RabbitMQ");
                                 session
@@ -215,7 +223,7 @@ impl Worker {
                 }
             };
             let started = tokio::time::Instant::now();
-            let ended = consume(&settings, &session, &dispatcher, &health, &shutdown).await;
+            let ended = consume(&settings, &session, &pipeline, &dispatcher, &metrics, &health, &shutdown).await;
             match ended {
                 Ended::Lost(reason) => {
                     health.set_amqp_connected(false);
@@ -230,21 +238,25 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Ended::Shutdown { link, outbox } => {
+                Ended::Shutdown { alive, outboxes } => {
                     drain(&settings, &pipeline, &dispatcher, &stopping).await;
                     drained = true;
-                    // Finished jobs must be acked before the channel closes, or the broker
+                    // Finished jobs must be acked before the channels close, or the broker
                     // redelivers them.
-                    match tokio::time::timeout(ACKS_AND_CLOSE, outbox.acks.flush(true)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            warn!(error = %e, "acks lost at shutdown; those jobs come back as duplicates")
+                    let flushes = futures_util::future::join_all(
+                        outboxes.iter().map(|outbox| outbox.acks.flush(true)),
+                    );
+                    match tokio::time::timeout(ACKS_AND_CLOSE, flushes).await {
+                        Ok(flushed) => {
+                            if let Some(e) = flushed.into_iter().find_map(Result::err) {
+                                warn!(error = %e, "acks lost at shutdown; those jobs come back as duplicates")
+                            }
                         }
                         Err(_) => warn!(
                             "acks not confirmed sent at shutdown; those jobs may come back as duplicates"
                         ),
                     }
-                    link.alive.cancel();
+                    alive.cancel();
                     session.close().await;
                     health.set_amqp_connected(false);
                     break;
@@ -286,79 +298,161 @@ impl Worker {
 enum Ended {
     Lost(String),
     Shutdown {
-        link: Arc<SessionLink>,
-        outbox: Arc<SessionOutbox>,
+        alive: CancellationToken,
+        outboxes: Vec<Arc<SessionOutbox>>,
     },
 }
 
-/// Consumes one session until it is lost or shutdown is requested.
+/// One consuming channel of a session: the work queue, or one partition queue.
+struct Source {
+    queue: String,
+    tag: String,
+    outbox: Arc<SessionOutbox>,
+    link: Arc<SessionLink>,
+}
+
+/// The consuming channels of `session`, with a link each, all ending with `alive`.
+fn sources(
+    settings: &RunSettings,
+    session: &Session,
+    topology: &Topology,
+    alive: &CancellationToken,
+) -> Vec<Source> {
+    let channels: Vec<(String, lapin::Channel)> = match &topology.partitioned {
+        None => vec![(settings.amqp.queue.clone(), session.consume.clone())],
+        Some(partitioned) => partitioned
+            .queues
+            .iter()
+            .cloned()
+            .zip(session.partitions.iter().cloned())
+            .collect(),
+    };
+    let header_budget =
+        crate::broker::outgoing::header_budget(session.connection.configuration().frame_max());
+    channels
+        .into_iter()
+        .enumerate()
+        .map(|(group, (queue, channel))| {
+            let outbox = Arc::new(SessionOutbox::new(
+                channel,
+                session.publish.clone(),
+                session.republisher.clone(),
+            ));
+            let link = Arc::new(SessionLink {
+                outbox: outbox.clone(),
+                alive: alive.clone(),
+                header_budget,
+                group: group as u16,
+            });
+            let acker = outbox.clone();
+            let until = alive.clone();
+            tokio::spawn(async move { acker.acks.run(until).await });
+            Source {
+                queue,
+                tag: format!("blinger-worker-{}", uuid::Uuid::new_v4().simple()),
+                outbox,
+                link,
+            }
+        })
+        .collect()
+}
+
+/// Consumes one session until it is lost or shutdown is requested: the work queue, or in
+/// partitioned mode every partition queue plus the router.
 async fn consume(
     settings: &RunSettings,
     session: &Session,
+    pipeline: &Pipeline,
     dispatcher: &Arc<Dispatcher>,
+    metrics: &Arc<Metrics>,
     health: &Health,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let outbox = Arc::new(SessionOutbox::new(
-        session.consume.clone(),
-        session.publish.clone(),
-        session.republisher.clone(),
-    ));
-    let link = Arc::new(SessionLink {
-        outbox: outbox.clone(),
-        alive: CancellationToken::new(),
-        header_budget: crate::broker::outgoing::header_budget(
-            session.connection.configuration().frame_max(),
-        ),
-    });
-    let alive = link.alive.clone();
-    let acker = outbox.clone();
-    tokio::spawn(async move { acker.acks.run(alive).await });
-    let tag = format!("blinger-worker-{}", uuid::Uuid::new_v4().simple());
-    let mut consumer = match session
-        .consume
-        .basic_consume(
-            settings.amqp.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
+    let alive = CancellationToken::new();
+    let topology = pipeline.topology();
+    let sources = sources(settings, session, topology, &alive);
+    let mut consumers = Vec::with_capacity(sources.len());
+    for (i, source) in sources.iter().enumerate() {
+        match source
+            .outbox
+            .consume
+            .basic_consume(
+                source.queue.as_str().into(),
+                source.tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(consumer) => consumers.push(consumer.map(move |d| (i, d))),
+            Err(e) => {
+                alive.cancel();
+                return Ended::Lost(format!("basic.consume of {} failed: {e}", source.queue));
+            }
+        }
+    }
+    let mut router = match &topology.partitioned {
+        None => None,
+        Some(_) => match Router::start(
+            &session.connection,
+            topology,
+            settings.max_body_bytes,
+            metrics.clone(),
+            alive.clone(),
         )
         .await
-    {
-        Ok(consumer) => consumer,
-        Err(e) => {
-            link.alive.cancel();
-            return Ended::Lost(format!("basic.consume failed: {e}"));
-        }
+        {
+            Ok(router) => Some(router),
+            Err(e) => {
+                alive.cancel();
+                return Ended::Lost(format!("starting the router: {e}"));
+            }
+        },
     };
+    let mut deliveries = futures_util::stream::select_all(consumers);
+    let outboxes = || sources.iter().map(|s| s.outbox.clone()).collect();
     health.set_amqp_connected(true);
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let ended = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                let _ = session.consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                // The router first: nothing more reaches the partitions.
+                if let Some(router) = router.take() {
+                    router.stop().await;
+                }
+                for source in &sources {
+                    let _ = source
+                        .outbox
+                        .consume
+                        .basic_cancel(source.tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                }
                 // Deliveries already sent before the cancel still arrive: take them too, so the
                 // grace period applies to everything this worker holds.
-                while let Ok(Some(Ok(delivery))) =
-                    tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+                while let Ok(Some((i, Ok(delivery)))) =
+                    tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await
                 {
-                    dispatcher.submit(delivery, &link);
+                    dispatcher.submit(delivery, &sources[i].link);
                 }
                 break Ended::Shutdown {
-                    link: link.clone(),
-                    outbox: outbox.clone(),
+                    alive: alive.clone(),
+                    outboxes: outboxes(),
                 };
             }
-            delivery = consumer.next() => match delivery {
-                Some(Ok(delivery)) => dispatcher.submit(delivery, &link),
-                Some(Err(e)) => break Ended::Lost(e.to_string()),
+            delivery = deliveries.next() => match delivery {
+                Some((i, Ok(delivery))) => dispatcher.submit(delivery, &sources[i].link),
+                Some((_, Err(e))) => break Ended::Lost(e.to_string()),
                 None => break Ended::Lost("consumer closed".into()),
             },
+            failed = async { router.as_mut().expect("guarded").failed().await }, if router.is_some() => {
+                break Ended::Lost(failed.to_string());
+            }
             _ = check.tick() => {
                 if !session.publish.status().connected()
                     || !session.republisher.connected()
                     || !session.connection.status().connected()
+                    || sources.iter().any(|s| !s.outbox.consume.status().connected())
                 {
                     break Ended::Lost("channel closed".into());
                 }
@@ -366,7 +460,7 @@ async fn consume(
         }
     };
     if matches!(ended, Ended::Lost(_)) {
-        link.alive.cancel();
+        alive.cancel();
     }
     ended
 }
