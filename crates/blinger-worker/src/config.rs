@@ -472,7 +472,9 @@ impl RunSettings {
     pub fn partition_prefetch(&self) -> u16 {
         self.partition_prefetch.unwrap_or_else(|| {
             let partitions = self.amqp.partitions.max(1);
-            self.prefetch.div_ceil(partitions).max(MIN_PARTITION_PREFETCH)
+            self.prefetch
+                .div_ceil(partitions)
+                .max(MIN_PARTITION_PREFETCH)
         })
     }
 

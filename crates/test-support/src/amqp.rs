@@ -57,6 +57,9 @@ pub struct Names {
     pub queue: String,
     pub dead: String,
     pub events: String,
+    /// `BLINGER_WORKER_PARTITIONS` of every worker of the test: `BLINGER_TEST_PARTITIONS` of
+    /// the test process, so that a suite can be run again in partitioned mode unchanged.
+    pub partitions: Option<u16>,
 }
 
 impl Names {
@@ -69,7 +72,21 @@ impl Names {
             queue: base.clone(),
             dead: format!("{base}.dead"),
             events: format!("{base}.events"),
+            partitions: std::env::var("BLINGER_TEST_PARTITIONS").ok().map(|p| {
+                p.parse()
+                    .expect("BLINGER_TEST_PARTITIONS is a partition count")
+            }),
         }
+    }
+
+    /// Every exchange a worker of these names may declare.
+    pub fn exchanges(&self) -> Vec<String> {
+        vec![
+            self.exchange.clone(),
+            self.events.clone(),
+            format!("{}.partitions", self.queue),
+            format!("{}.unrouted", self.queue),
+        ]
     }
 
     /// The worker's flags naming these queues and exchanges, on the broker at `url`, with the
@@ -85,6 +102,11 @@ impl Names {
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_owned(), v.to_owned()])
+        .chain(
+            self.partitions
+                .into_iter()
+                .flat_map(|p| ["--partitions".to_owned(), p.to_string()]),
+        )
         .collect()
     }
 
@@ -106,12 +128,13 @@ impl Names {
 pub fn queues_of(topology: &Topology) -> Vec<String> {
     let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
     queues.extend(topology.tiers.iter().cloned());
+    queues.extend(topology.partitioned.iter().flat_map(|p| p.all_queues()));
     queues
 }
 
 /// Deletes `queues` and `exchanges`, ignoring what is already gone (quorum queues are not free
 /// on a shared broker). Each on its own channel: a failed delete closes its channel.
-pub async fn delete_all(conn: &Connection, queues: &[String], exchanges: &[&str]) {
+pub async fn delete_all(conn: &Connection, queues: &[String], exchanges: &[String]) {
     for q in queues {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
@@ -120,7 +143,9 @@ pub async fn delete_all(conn: &Connection, queues: &[String], exchanges: &[&str]
     }
     for x in exchanges {
         if let Ok(ch) = conn.create_channel().await {
-            let _ = ch.exchange_delete((*x).into(), Default::default()).await;
+            let _ = ch
+                .exchange_delete(x.as_str().into(), Default::default())
+                .await;
             let _ = ch.close(200, "ok".into()).await;
         }
     }
@@ -197,6 +222,31 @@ impl DeadLetter {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("a JSON body")
     }
+}
+
+/// Takes every message of `queue` by consuming it (auto-ack: they are gone), until none has
+/// come for `idle`. For queues `basic.get` refuses: a quorum queue with single active consumer.
+pub async fn consume_all(conn: &Connection, queue: &str, idle: Duration) -> Vec<DeadLetter> {
+    use futures_util::StreamExt;
+    let channel = conn.create_channel().await.expect("channel");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "test-consume-all".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("basic.consume");
+    let mut out = Vec::new();
+    while let Ok(Some(delivery)) = tokio::time::timeout(idle, consumer.next()).await {
+        out.push(DeadLetter::from_delivery(&delivery.expect("delivery")));
+    }
+    let _ = channel.close(200, "taken".into()).await;
+    out
 }
 
 /// Takes up to `n` messages from `queue` (acknowledged: they are gone), waiting up to

@@ -183,6 +183,9 @@ impl TestEnv {
             .env("BLINGER_WORKER_RETRY_DELAYS", TEST_DELAYS)
             .env("BLINGER_WORKER_DATA_DIR", self.data_dir.path())
             .stdin(std::process::Stdio::null());
+        if let Some(p) = self.names.partitions {
+            cmd.env("BLINGER_WORKER_PARTITIONS", p.to_string());
+        }
         cmd
     }
 
@@ -285,12 +288,7 @@ impl TestEnv {
             &self.names.amqp_settings(&self.broker.url, TEST_DELAYS),
         )));
         let queues: Vec<String> = used.into_iter().collect();
-        amqp::delete_all(
-            &self.conn,
-            &queues,
-            &[&self.names.exchange, &self.names.events],
-        )
-        .await;
+        amqp::delete_all(&self.conn, &queues, &self.names.exchanges()).await;
         let _ = self.conn.close(200, "bye".into()).await;
         self.sandbox.shutdown().await;
     }

@@ -62,7 +62,9 @@ pub enum LayoutError {
         theirs: u16,
         their_hash: String,
     },
-    #[error("the first record of {stream} is not a partition layout; it was not written by blinger-worker")]
+    #[error(
+        "the first record of {stream} is not a partition layout; it was not written by blinger-worker"
+    )]
     Unreadable { stream: String },
     #[error("no layout record could be read back from {stream} within {secs} s")]
     NotReadBack { stream: String, secs: u64 },
@@ -164,10 +166,9 @@ async fn check_partitioned(
 
 /// Whether the first record `found` allows a worker of layout `ours`.
 fn judge(ours: &Layout, found: &[u8], queue: &str, stream: &str) -> Result<(), LayoutError> {
-    let theirs: Layout =
-        serde_json::from_slice(found).map_err(|_| LayoutError::Unreadable {
-            stream: stream.to_owned(),
-        })?;
+    let theirs: Layout = serde_json::from_slice(found).map_err(|_| LayoutError::Unreadable {
+        stream: stream.to_owned(),
+    })?;
     if &theirs == ours {
         return Ok(());
     }
@@ -190,9 +191,19 @@ mod tests {
         let ours = Layout::of(&Partitioned::new("q", 16));
         assert_eq!(ours.hash, "blinger-p1");
         let record = |p: u16, h: &str| format!(r#"{{"partitions":{p},"hash":"{h}"}}"#);
-        assert_eq!(judge(&ours, record(16, "blinger-p1").as_bytes(), "q", "s"), Ok(()));
+        assert_eq!(
+            judge(&ours, record(16, "blinger-p1").as_bytes(), "q", "s"),
+            Ok(())
+        );
         let err = judge(&ours, record(8, "blinger-p1").as_bytes(), "q", "q.topology").unwrap_err();
-        assert!(matches!(err, LayoutError::Mismatch { theirs: 8, ours: 16, .. }));
+        assert!(matches!(
+            err,
+            LayoutError::Mismatch {
+                theirs: 8,
+                ours: 16,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("repartition procedure"), "{err}");
         assert!(judge(&ours, record(16, "blinger-p2").as_bytes(), "q", "s").is_err());
         assert_eq!(

@@ -280,8 +280,14 @@ mod tests {
             .collect();
         assert_eq!(names, ["X-Blinger-Chain", "trace-id", "x-blinger-retries"]);
         let headers = copy.headers().as_ref().unwrap().inner();
-        assert_eq!(headers.get("x-blinger-retries"), Some(&AMQPValue::LongLongInt(99)));
-        assert_eq!(copy.expiration().as_ref().map(|e| e.as_str()), Some("60000"));
+        assert_eq!(
+            headers.get("x-blinger-retries"),
+            Some(&AMQPValue::LongLongInt(99))
+        );
+        assert_eq!(
+            copy.expiration().as_ref().map(|e| e.as_str()),
+            Some("60000")
+        );
         assert_eq!(copy.reply_to().as_ref().map(|e| e.as_str()), Some("r"));
         assert_eq!(*copy.priority(), None);
         assert_eq!(*copy.user_id(), None);

@@ -60,7 +60,9 @@ const SETTLE_AT_STOP: Duration = Duration::from_secs(5);
 pub enum RouterError {
     #[error("RabbitMQ channel of the router: {0}")]
     Channel(#[from] lapin::Error),
-    #[error("RabbitMQ refused a copy into partition {partition} ({refusal}); handing back what is not confirmed")]
+    #[error(
+        "RabbitMQ refused a copy into partition {partition} ({refusal}); handing back what is not confirmed"
+    )]
     Refused {
         partition: String,
         refusal: super::confirms::ConfirmError,
@@ -182,8 +184,9 @@ struct Routing {
 impl Routing {
     async fn run(
         self,
-        mut deliveries: impl futures_util::Stream<Item = (usize, lapin::Result<lapin::message::Delivery>)>
-        + Unpin,
+        mut deliveries: impl futures_util::Stream<
+            Item = (usize, lapin::Result<lapin::message::Delivery>),
+        > + Unpin,
         stop: CancellationToken,
     ) -> Result<(), RouterError> {
         let (copies, pending) = mpsc::unbounded_channel();
@@ -247,11 +250,8 @@ impl Routing {
         if source.queue == self.partitioned.unrouted {
             self.metrics.router_unrouted.inc();
         }
-        let partition = partition::route(
-            &delivery.data,
-            self.max_body_bytes,
-            self.partitioned.count,
-        );
+        let partition =
+            partition::route(&delivery.data, self.max_body_bytes, self.partitioned.count);
         let confirm = self
             .publish
             .basic_publish(

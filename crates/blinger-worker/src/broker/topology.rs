@@ -120,7 +120,11 @@ impl Partitioned {
 
     /// Every queue of the partitioned mode (the work queue and the tiers aside).
     pub fn all_queues(&self) -> Vec<String> {
-        let mut all = vec![self.input.clone(), self.unrouted.clone(), self.layout.clone()];
+        let mut all = vec![
+            self.input.clone(),
+            self.unrouted.clone(),
+            self.layout.clone(),
+        ];
         all.extend(self.queues.iter().cloned());
         all
     }
@@ -246,8 +250,14 @@ async fn declare_all(
     match &topology.partitioned {
         None => bind(channel, &topology.queue, &topology.exchange, "#").await?,
         Some(partitioned) => {
-            declare_partitioned(channel, settings.queue_type, topology, partitioned, work_args)
-                .await?
+            declare_partitioned(
+                channel,
+                settings.queue_type,
+                topology,
+                partitioned,
+                work_args,
+            )
+            .await?
         }
     }
 

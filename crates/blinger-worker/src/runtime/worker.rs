@@ -223,7 +223,16 @@ impl Worker {
                 }
             };
             let started = tokio::time::Instant::now();
-            let ended = consume(&settings, &session, &pipeline, &dispatcher, &metrics, &health, &shutdown).await;
+            let ended = consume(
+                &settings,
+                &session,
+                &pipeline,
+                &dispatcher,
+                &metrics,
+                &health,
+                &shutdown,
+            )
+            .await;
             match ended {
                 Ended::Lost(reason) => {
                     health.set_amqp_connected(false);

@@ -136,6 +136,9 @@ impl World {
             self.names.events.clone(),
         );
         set("BLINGER_WORKER_RETRY_DELAYS", self.delays.clone());
+        if let Some(p) = self.names.partitions {
+            set("BLINGER_WORKER_PARTITIONS", p.to_string());
+        }
         set("BLINGER_API_URL", self.sandbox.base_url());
         set("BLINGER_API_TOKEN", TOKEN.to_owned());
         set(
@@ -244,7 +247,7 @@ impl World {
     pub async fn cleanup(mut self) {
         let queues = amqp::queues_of(&self.topology());
         let conn = self.publisher.conn().await;
-        amqp::delete_all(conn, &queues, &[&self.names.exchange, &self.names.events]).await;
+        amqp::delete_all(conn, &queues, &self.names.exchanges()).await;
         self.publisher.close().await;
         self.sandbox.shutdown().await;
     }

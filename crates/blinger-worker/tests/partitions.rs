@@ -1,0 +1,236 @@
+//! Partitioned mode (`BLINGER_WORKER_PARTITIONS`): the router, the partition queues, the layout
+//! record, against the real RabbitMQ and the sandbox. The rest of the behaviour is the
+//! single-queue suite run again with `BLINGER_TEST_PARTITIONS=16` (scripts/test.sh).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use blinger_worker::broker::router::Router;
+use blinger_worker::engine::partition::partition_of;
+use blinger_worker::runtime::telemetry::Metrics;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use test_support::amqp::consume_all;
+use test_support::*;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(30);
+
+fn ls(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// The router alone: every job lands in its conversation's partition queue, in publish order,
+/// with the properties it may keep; what it cannot read goes to partition 0; nothing stays in
+/// the input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_puts_each_job_in_its_conversations_partition_in_order() {
+    let env = TestEnv::new("router").await;
+    let topology = env.declare_with(&["--partitions", "4"]).await;
+    let partitioned = topology.partitioned.clone().unwrap();
+    let conversations: Vec<String> = (0..12).map(|i| format!("conv-{i}")).collect();
+    let mut published = BTreeMap::<String, Vec<String>>::new();
+    for round in 0..5 {
+        for c in &conversations {
+            let job = text_job(c, &format!("{round}"));
+            published
+                .entry(c.clone())
+                .or_default()
+                .push(job["id"].as_str().unwrap().to_owned());
+            env.publish(&job).await;
+        }
+    }
+    // A hostile publisher's properties: CC into another partition, a priority, a forged trail.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "CC".into(),
+        AMQPValue::FieldArray(vec![ls(&partitioned.routing_key(1))].into()),
+    );
+    headers.insert("x-blinger-retries".into(), AMQPValue::LongLongInt(7));
+    headers.insert("trace-id".into(), ls("t-1"));
+    let hostile = text_job("conv-0", "5");
+    published
+        .get_mut("conv-0")
+        .unwrap()
+        .push(hostile["id"].as_str().unwrap().to_owned());
+    env.channel
+        .basic_publish(
+            env.names.exchange.as_str().into(),
+            "send-text".into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&hostile).unwrap(),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_priority(9)
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    env.publish_raw("send-text", b"not json").await;
+
+    let metrics = Metrics::new();
+    let alive = CancellationToken::new();
+    let router = Router::start(
+        &env.conn,
+        &topology,
+        256 * 1024,
+        metrics.clone(),
+        alive.clone(),
+    )
+    .await
+    .expect("router starts");
+    assert!(
+        eventually(T, || metrics.router_routed.get() == 62).await,
+        "62 routed, got {}",
+        metrics.router_routed.get()
+    );
+    router.stop().await;
+    alive.cancel();
+    assert!(
+        until(T, || async { env.queue_len(&partitioned.input).await == 0 })
+            .await
+            .is_some(),
+        "the input is empty once the copies are confirmed and acked"
+    );
+
+    let mut found = BTreeMap::<String, Vec<String>>::new();
+    let mut unreadable = 0;
+    for (p, queue) in partitioned.queues.iter().enumerate() {
+        for msg in consume_all(&env.conn, queue, Duration::from_secs(1)).await {
+            let Ok(job) = serde_json::from_slice::<serde_json::Value>(&msg.body) else {
+                assert_eq!(p, 0, "an unreadable body goes to partition 0");
+                unreadable += 1;
+                continue;
+            };
+            let conversation = job["conversation_id"].as_str().unwrap().to_owned();
+            assert_eq!(
+                p,
+                usize::from(partition_of(&conversation, 4)),
+                "{conversation} in its partition"
+            );
+            if job["text"] == "5" {
+                assert_eq!(msg.properties.priority(), &None, "priority dropped");
+                assert_eq!(msg.header("trace-id"), "t-1");
+                assert!(!msg.headers.contains_key("CC"), "CC dropped");
+                assert!(
+                    msg.headers.contains_key("x-blinger-retries"),
+                    "kept for the seal check"
+                );
+            }
+            found
+                .entry(conversation)
+                .or_default()
+                .push(job["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(unreadable, 1);
+    assert_eq!(
+        found, published,
+        "every job once, in publish order per conversation"
+    );
+    env.cleanup().await;
+}
+
+/// Jobs published to the exchange reach Blinger through the router and the partitions, once
+/// each and in order per conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_worker_delivers_every_job_once_in_order() {
+    let env = TestEnv::new("partitioned").await;
+    let worker = env.start_worker(&["--partitions", "8"]).await;
+    let mut published = BTreeMap::<String, Vec<String>>::new();
+    for round in 0..10 {
+        for c in 0..30 {
+            let conversation = format!("c-{c}");
+            let job = text_job(&conversation, &format!("{round}"));
+            published
+                .entry(conversation)
+                .or_default()
+                .push(job["id"].as_str().unwrap().to_owned());
+            env.publish(&job).await;
+        }
+    }
+    assert!(
+        eventually(T, || worker.delivered_total() == 300).await,
+        "300 delivered, got {}",
+        worker.delivered_total()
+    );
+    let mut sent = BTreeMap::<String, Vec<String>>::new();
+    for r in env.sandbox.requests() {
+        let conversation = r.path.split('/').rev().nth(1).unwrap().to_owned();
+        sent.entry(conversation)
+            .or_default()
+            .push(r.body["uuid"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        sent, published,
+        "sent once each, in publish order per conversation"
+    );
+    let (_, metrics) = worker.get("/metrics").await;
+    assert!(
+        metrics.contains("blinger_worker_router_routed_total 300"),
+        "{metrics}"
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A copy the partitions exchange cannot route (its partition queue is missing) is caught by the
+/// unrouted queue and routed again, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_no_partition_took_is_routed_again() {
+    let env = TestEnv::new("unrouted").await;
+    let worker = env.start_worker(&["--partitions", "4"]).await;
+    let job = text_job("c-unrouted", "caught");
+    // As a router would publish into a partition that is not there.
+    let confirm = env
+        .channel
+        .basic_publish(
+            format!("{}.partitions", env.names.queue).as_str().into(),
+            "99".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &serde_json::to_vec(&job).unwrap(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "taken by the alternate exchange: {confirm:?}"
+    );
+    assert!(eventually(T, || worker.delivered_total() == 1).await);
+    assert_eq!(worker.metrics.router_unrouted.get(), 1);
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// The partition count is fixed at install: a worker with another count, or in single-queue mode,
+/// refuses to start on a partitioned deployment, naming the procedure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_partition_count_refuses_to_start() {
+    let env = TestEnv::new("layout").await;
+    let worker = env.start_worker(&["--partitions", "4"]).await;
+    worker.stop().await;
+    // The same count starts again (it reads the record the first one wrote).
+    env.start_worker(&["--partitions", "4"]).await.stop().await;
+    for (flags, says) in [
+        (
+            &["--partitions", "8"][..],
+            "was installed with 4 partitions",
+        ),
+        (&["--partitions", "0"][..], "are partitioned"),
+    ] {
+        let refused = blinger_worker::runtime::worker::Worker::start(env.settings(flags)).await;
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains(says), "{flags:?}: {message}");
+        assert!(message.contains("docs/deploy.md"), "{message}");
+    }
+    env.cleanup().await;
+}
