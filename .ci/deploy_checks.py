@@ -519,7 +519,20 @@ def statefulset_contract(label: str, values: dict[str, Any], rendered: dict[str,
             need(so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": sts["metadata"]["name"]},
                  "ScaledObject target")
             meta = so["spec"]["triggers"][0]["metadata"]
-            need(meta.get("queueName") == merged["worker"]["queue"] and meta.get("mode") == "QueueLength", "KEDA trigger queue/mode")
+            need(meta.get("mode") == "QueueLength", "KEDA trigger mode")
+            queue = merged["worker"]["queue"]
+            if merged["worker"].get("partitions", 0) > 0:
+                # Partitioned mode: the jobs wait in the router's input and the partition queues; KEDA sums
+                # every queue its regex matches (management API, so protocol http).
+                waiting = re.compile(meta.get("queueName", "$^"))
+                names = [queue, f"{queue}.in", f"{queue}.unrouted", f"{queue}.p.00", f"{queue}.p.15", f"{queue}.p.255"]
+                others = [f"{queue}.dead", f"{queue}.retry.5s", f"{queue}.topology", f"{queue}.partitions", f"x{queue}", f"{queue}.p.0a"]
+                need(meta.get("useRegex") == "true" and meta.get("operation") == "sum" and meta.get("protocol") == "http",
+                     "KEDA trigger in partitioned mode: useRegex, operation sum, protocol http")
+                need(all(waiting.search(n) for n in names) and not any(waiting.search(n) for n in others),
+                     f"KEDA trigger regex {meta.get('queueName')!r} must match exactly the waiting queues")
+            else:
+                need(meta.get("queueName") == queue, "KEDA trigger queue")
             auths = {a["metadata"]["name"] for a in find(docs, "TriggerAuthentication")}
             need(so["spec"]["triggers"][0]["authenticationRef"]["name"] in auths, "KEDA authenticationRef not rendered")
         for cm in find(docs, "ConfigMap"):

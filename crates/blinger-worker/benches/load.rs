@@ -93,6 +93,10 @@ struct Args {
     /// Worker receipts (on by default in the worker).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     receipts: bool,
+    /// Partition counts (BLINGER_WORKER_PARTITIONS) to run (b) with, this build; 0 is the
+    /// single-queue mode. E.g. `--partitions 0,16` compares the two in the same run.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    partitions: Vec<u16>,
     /// Which of the runs to do: a (ceiling), b (0 ms), c (latency).
     #[arg(long, value_delimiter = ',', default_value = "a,b,c")]
     runs: Vec<String>,
@@ -338,7 +342,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 // ---------------------------------------------------------------- broker helpers
 
-fn amqp_settings(base: &str, queue_type: &str) -> AmqpSettings {
+fn amqp_settings(base: &str, queue_type: &str, partitions: u16) -> AmqpSettings {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
@@ -360,6 +364,8 @@ fn amqp_settings(base: &str, queue_type: &str) -> AmqpSettings {
         queue_type,
         "--retry-delays",
         "5s,30s",
+        "--partitions",
+        &partitions.to_string(),
     ])
     .amqp
 }
@@ -370,10 +376,10 @@ struct Topo {
 }
 
 impl Topo {
-    async fn declare(channel: &Channel, label: &str, queue_type: &str) -> Topo {
+    async fn declare(channel: &Channel, label: &str, queue_type: &str, partitions: u16) -> Topo {
         let tag = &Uuid::new_v4().simple().to_string()[..8];
         let base = format!("loadbench.{label}.{tag}");
-        let settings = amqp_settings(&base, queue_type);
+        let settings = amqp_settings(&base, queue_type, partitions);
         let topology = Topology::new(&settings);
         declare(channel, &settings, &topology)
             .await
@@ -404,15 +410,24 @@ impl Topo {
 
     async fn delete(&self, channel: &Channel) {
         let t = &self.topology;
-        for q in std::iter::once(&t.queue)
-            .chain(std::iter::once(&t.dead_letter_queue))
-            .chain(t.tiers.iter())
+        let partitioned = t.partitioned.iter().flat_map(|p| p.all_queues());
+        for q in std::iter::once(t.queue.clone())
+            .chain(std::iter::once(t.dead_letter_queue.clone()))
+            .chain(t.tiers.iter().cloned())
+            .chain(partitioned)
         {
             let _ = channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for x in [&t.exchange, &t.receipts_exchange] {
+        let partitioned = t
+            .partitioned
+            .iter()
+            .flat_map(|p| [p.exchange.clone(), p.unrouted.clone()]);
+        for x in [t.exchange.clone(), t.receipts_exchange.clone()]
+            .into_iter()
+            .chain(partitioned)
+        {
             let _ = channel
                 .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
@@ -535,7 +550,7 @@ async fn ceiling_child(args: &Args) -> ChildReport {
 
 async fn run_ceiling(args: &Args, channel: &Channel, queue_type: &str, tck: u64) -> Row {
     let n = args.jobs;
-    let topo = Topo::declare(channel, "ceiling", queue_type).await;
+    let topo = Topo::declare(channel, "ceiling", queue_type, 0).await;
     let (_jobs, publish_rate) = publish(channel, &topo, n, args.conversations).await;
     let broker = broker_pid();
     let broker_before = broker.as_deref().map_or(0, cpu_ticks);
@@ -560,7 +575,14 @@ async fn run_ceiling(args: &Args, channel: &Channel, queue_type: &str, tck: u64)
     let report: ChildReport =
         serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap())
             .expect("child report");
-    let left = topo.settled_ready(channel, &topo.topology.queue).await;
+    let mut left = topo.settled_ready(channel, &topo.topology.queue).await;
+    for q in topo.topology.partitioned.iter().flat_map(|p| {
+        std::iter::once(p.input.clone())
+            .chain(std::iter::once(p.unrouted.clone()))
+            .chain(p.queues.iter().cloned())
+    }) {
+        left = left.saturating_add(topo.settled_ready(channel, &q).await);
+    }
     topo.delete(channel).await;
     let mut lat = report.latencies;
     lat.sort_unstable();
@@ -598,8 +620,19 @@ struct WorkerRun<'a> {
     latency_ms: u64,
     rate_limit: u32,
     check_order: bool,
+    /// BLINGER_WORKER_PARTITIONS.
+    partitions: u16,
     /// The worker binary: this build's, or `--baseline-bin`.
     bin: &'a Path,
+}
+
+/// A run's label with its partition count, when partitioned.
+fn partitions_label(label: &str, partitions: u16) -> String {
+    if partitions == 0 {
+        label.to_owned()
+    } else {
+        format!("{label}, {partitions} partitions")
+    }
 }
 
 fn parse_compare(s: &str) -> Result<(String, PathBuf), String> {
@@ -623,7 +656,7 @@ async fn run_worker(
     tck: u64,
 ) -> Row {
     let n = run.jobs;
-    let topo = Topo::declare(channel, "worker", run.queue_type).await;
+    let topo = Topo::declare(channel, "worker", run.queue_type, run.partitions).await;
     let (jobs, publish_rate) = publish(channel, &topo, n, args.conversations).await;
     sandbox.reset();
     sandbox.update(|c| c.latency_ms = run.latency_ms);
@@ -664,6 +697,7 @@ async fn run_worker(
         .env("BLINGER_WORKER_DEAD_LETTER_QUEUE", &s.dead_letter_queue)
         .env("BLINGER_WORKER_RECEIPTS_EXCHANGE", &s.receipts_exchange)
         .env("BLINGER_WORKER_RETRY_DELAYS", "5s,30s")
+        .env("BLINGER_WORKER_PARTITIONS", run.partitions.to_string())
         .env("BLINGER_WORKER_RECEIPTS", args.receipts.to_string())
         .env("BLINGER_WORKER_LOG_LEVEL", "warn")
         .envs(args.worker_env.iter().filter_map(|kv| kv.split_once('=')))
@@ -877,6 +911,8 @@ async fn run(args: Args) {
     .await
     .expect("sandbox starts");
 
+    // (c), the sweep and the `--compare` binaries run with the first partition count.
+    let first = args.partitions.first().copied().unwrap_or(0);
     let mut main_rows = Vec::new();
     let mut ratios = Vec::new();
     for qt in &args.queue_types {
@@ -891,9 +927,18 @@ async fn run(args: Args) {
         }
         // (b) with this build, then with each `--compare` binary: same queue type, same sandbox.
         let mut b = None;
-        let this_build = ("worker".to_owned(), PathBuf::from(WORKER));
-        let b_runs = want("b").then_some(&this_build).into_iter();
-        for (i, (label, bin)) in b_runs.chain(&args.compare).enumerate() {
+        let this_build: Vec<_> = args
+            .partitions
+            .iter()
+            .map(|&p| (p, partitions_label("worker", p), PathBuf::from(WORKER)))
+            .collect();
+        let b_runs = this_build.iter().filter(|_| want("b")).cloned();
+        let compared = args
+            .compare
+            .iter()
+            .map(|(label, bin)| (first, partitions_label(label, first), bin.clone()));
+        for (i, (partitions, label, bin)) in b_runs.chain(compared).enumerate() {
+            let bin = &bin;
             eprintln!("[{qt}] (b) {label} ({}), 0 ms ...", bin.display());
             let row = run_worker(
                 &args,
@@ -907,6 +952,7 @@ async fn run(args: Args) {
                     latency_ms: 0,
                     rate_limit: 1_000_000,
                     check_order: true,
+                    partitions,
                     bin,
                 },
                 tck,
@@ -937,6 +983,7 @@ async fn run(args: Args) {
                     latency_ms: args.latency_ms,
                     rate_limit: 1_000_000,
                     check_order: true,
+                    partitions: first,
                     bin: Path::new(WORKER),
                 },
                 tck,
@@ -985,6 +1032,7 @@ async fn run(args: Args) {
                     latency_ms: args.latency_ms,
                     rate_limit,
                     check_order: true,
+                    partitions: first,
                     bin: Path::new(WORKER),
                 },
                 tck,

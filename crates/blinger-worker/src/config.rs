@@ -337,10 +337,10 @@ pub struct RunSettings {
     pub prefetch: u16,
 
     /// Unacknowledged messages per partition queue when BLINGER_WORKER_PARTITIONS > 0 (the fair
-    /// share then applies within each partition). Default: PREFETCH / PARTITIONS rounded up, at
-    /// least 16.
+    /// share then applies within each partition). Unset or 0: PREFETCH / PARTITIONS rounded up, at
+    /// least 16 (0 lets the chart pass the setting without repeating that rule).
     #[arg(long, env = "BLINGER_WORKER_PARTITION_PREFETCH",
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = clap::value_parser!(u16))]
     pub partition_prefetch: Option<u16>,
 
     /// Fair share of the prefetch (see README "Delivery guarantees"): once the worker holds
@@ -470,12 +470,14 @@ impl TokenSource {
 impl RunSettings {
     /// The prefetch of each partition consumer (partitioned mode).
     pub fn partition_prefetch(&self) -> u16 {
-        self.partition_prefetch.unwrap_or_else(|| {
-            let partitions = self.amqp.partitions.max(1);
-            self.prefetch
-                .div_ceil(partitions)
-                .max(MIN_PARTITION_PREFETCH)
-        })
+        self.partition_prefetch
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| {
+                let partitions = self.amqp.partitions.max(1);
+                self.prefetch
+                    .div_ceil(partitions)
+                    .max(MIN_PARTITION_PREFETCH)
+            })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -491,6 +493,48 @@ impl RunSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_settings(args: &[&str]) -> RunSettings {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunSettings,
+        }
+        let argv = [
+            "blinger-worker",
+            "--amqp-url",
+            "amqp://localhost",
+            "--api-token",
+            "t",
+        ];
+        <Cli as clap::Parser>::try_parse_from(argv.iter().chain(args))
+            .expect("valid settings")
+            .run
+    }
+
+    #[test]
+    fn the_partition_prefetch_is_derived_unless_given() {
+        let derived = |args: &[&str]| run_settings(args).partition_prefetch();
+        // PREFETCH / P rounded up, never below 16; 0 is "derive" (the chart's way to pass it).
+        assert_eq!(derived(&["--prefetch", "200", "--partitions", "16"]), 16);
+        assert_eq!(derived(&["--prefetch", "1000", "--partitions", "16"]), 63);
+        assert_eq!(
+            derived(&[
+                "--prefetch",
+                "1000",
+                "--partitions",
+                "16",
+                "--partition-prefetch",
+                "0"
+            ]),
+            63
+        );
+        assert_eq!(derived(&["--prefetch", "200", "--partitions", "0"]), 200);
+        assert_eq!(
+            derived(&["--partitions", "16", "--partition-prefetch", "40"]),
+            40
+        );
+    }
 
     #[test]
     fn secrets_never_print() {

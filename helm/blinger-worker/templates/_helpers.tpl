@@ -115,6 +115,8 @@ own default applies.
   "BLINGER_WORKER_RETRY_DELAYS" ($w.retryDelays | toString)
   "BLINGER_WORKER_MAX_IN_PROCESS_ATTEMPTS" (int64 $w.maxInProcessAttempts | toString)
   "BLINGER_WORKER_DELIVERY_LIMIT" (int64 $w.deliveryLimit | toString)
+  "BLINGER_WORKER_PARTITIONS" (int64 $w.partitions | toString)
+  "BLINGER_WORKER_PARTITION_PREFETCH" (int64 $w.partitionPrefetch | toString)
   "BLINGER_WORKER_REQUEST_TIMEOUT" ($w.requestTimeout | toString)
   "BLINGER_WORKER_SHUTDOWN_GRACE" (printf "%ds" (int64 $w.shutdownGraceSeconds))
   "BLINGER_WORKER_RETENTION" ($w.retention | toString)
@@ -128,6 +130,26 @@ own default applies.
 - name: {{ $name }}
   value: {{ $value | quote }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The queues holding the deployment's waiting jobs: the work queue; in partitioned mode
+(worker.partitions > 0) also the router's input and the partition queues, where the jobs wait there.
+*/}}
+{{- define "blinger-worker.waitingQueuesRegex" -}}
+{{- $q := regexQuoteMeta .Values.worker.queue }}
+{{- printf "%s(\\.in|\\.unrouted|\\.p\\.[0-9]+)?" $q }}
+{{- end }}
+
+{{/*
+PromQL matcher of the queue-depth alert's queues (prometheusRule.queueDepth.selector overrides it).
+*/}}
+{{- define "blinger-worker.queueDepthSelector" -}}
+{{- if gt (int64 .Values.worker.partitions) 0 }}
+{{- printf "queue=~%q" (include "blinger-worker.waitingQueuesRegex" .) }}
+{{- else }}
+{{- printf "queue=%q" .Values.worker.queue }}
 {{- end }}
 {{- end }}
 
@@ -150,7 +172,7 @@ from Helm with backquoted strings.
 {{- $r := .Values.prometheusRule }}
 {{- $ws := $r.workerSelector }}
 {{- $sel := include "blinger-worker.promSel" (list $ws) }}
-{{- $queueSel := default (printf "queue=%q" .Values.worker.queue) $r.queueDepth.selector }}
+{{- $queueSel := default (include "blinger-worker.queueDepthSelector" .) $r.queueDepth.selector }}
 {{- $extra := $r.additionalRuleLabels }}
 groups:
   - name: blinger-worker
