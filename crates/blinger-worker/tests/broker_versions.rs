@@ -12,6 +12,7 @@
 //!   worker and `publish` fall back to its old arguments instead of failing PRECONDITION_FAILED.
 //! - The work queue's own delivery limit (the safety net) dead-letters with reason
 //!   `delivery_limit` on both.
+//! - 4.0 quorum queues deliver a message with `priority` above 4 first; 3.10 ignores priority.
 //!
 //! `BLINGER_TEST_BROKER_VERSION` (set by `scripts/test.sh`) makes the run prove which broker it
 //! ran against.
@@ -346,5 +347,61 @@ async fn the_work_queue_delivery_limit_dead_letters_with_its_reason() {
         "the broker's reason"
     );
     assert_eq!(dead[0].header("x-first-death-queue"), env.names.queue);
+    env.cleanup().await;
+}
+
+/// RabbitMQ 4.0 quorum queues have two message priorities: a message published with `priority`
+/// above 4 is delivered before the normal ones waiting ahead of it. 3.10 ignores the property.
+/// A publisher's priority can therefore reorder a conversation on 4.x before the worker (or the
+/// router of partitioned mode) sees the jobs: README "Order" tells publishers to keep to one
+/// priority, and the router's copies drop the property so nothing downstream reorders again.
+#[tokio::test]
+async fn a_publishers_priority_reorders_a_quorum_queue_on_4x_only() {
+    let env = TestEnv::new("priority").await;
+    env.declare().await;
+    let version = announced_version(&env.broker.url);
+    let first = Uuid::new_v4().to_string();
+    let urgent = Uuid::new_v4().to_string();
+    put(&env, &env.names.queue, &job(&first)).await;
+    let confirm = env
+        .channel
+        .basic_publish(
+            "".into(),
+            env.names.queue.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &job(&urgent),
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_priority(9),
+        )
+        .await
+        .expect("publish");
+    assert!(confirm.await.expect("confirm").is_ack(), "broker nacked");
+
+    let mut taken = Vec::new();
+    for _ in 0..2 {
+        let msg = env
+            .channel
+            .basic_get(
+                env.names.queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get")
+            .expect("two messages");
+        let body: Value = serde_json::from_slice(&msg.delivery.data).unwrap();
+        taken.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let major: u32 = version.split('.').next().unwrap().parse().unwrap();
+    let expected = if major >= 4 {
+        vec![urgent, first]
+    } else {
+        vec![first, urgent]
+    };
+    assert_eq!(taken, expected, "order of delivery on RabbitMQ {version}");
     env.cleanup().await;
 }

@@ -42,6 +42,9 @@ async fn the_router_puts_each_job_in_its_conversations_partition_in_order() {
         }
     }
     // A hostile publisher's properties: CC into another partition, a priority, a forged trail.
+    // In a conversation of its own: on RabbitMQ 4.x the input queue itself delivers a priority
+    // above 4 first, before the router sees the job (pinned in broker_versions.rs); what this
+    // checks is that the copy drops it.
     let mut headers = FieldTable::default();
     headers.insert(
         "CC".into(),
@@ -49,10 +52,10 @@ async fn the_router_puts_each_job_in_its_conversations_partition_in_order() {
     );
     headers.insert("x-blinger-retries".into(), AMQPValue::LongLongInt(7));
     headers.insert("trace-id".into(), ls("t-1"));
-    let hostile = text_job("conv-0", "5");
+    let hostile = text_job("conv-hostile", "5");
     published
-        .get_mut("conv-0")
-        .unwrap()
+        .entry("conv-hostile".to_owned())
+        .or_default()
         .push(hostile["id"].as_str().unwrap().to_owned());
     env.channel
         .basic_publish(

@@ -26,7 +26,7 @@ use crate::blinger::client::ClientError;
 use crate::broker::outbox::SessionOutbox;
 use crate::broker::router::Router;
 use crate::broker::{AmqpError, Session, Topology};
-use crate::config::{ConfigError, RunSettings, TokenSource, redact_url};
+use crate::config::{ConfigError, RunSettings, Secret, TokenSource, redact_url};
 use crate::contract::trail::{TrailKey, TrailKeyError};
 use crate::engine::dispatch::Dispatcher;
 use crate::engine::pipeline::{Parts, Pipeline, SessionLink};
@@ -67,6 +67,15 @@ pub struct Worker {
     stopping: CancellationToken,
 }
 
+/// What [`Worker::start`] opened after the store.
+struct Opened {
+    trail_key: TrailKey,
+    client: Client,
+    listener: TcpListener,
+    topology: Topology,
+    first_session: Session,
+}
+
 impl Worker {
     /// Validates the settings and opens everything, or says which setting is wrong.
     pub async fn start(settings: RunSettings) -> Result<Worker, StartError> {
@@ -78,21 +87,23 @@ impl Worker {
         std::fs::create_dir_all(&settings.data_dir)
             .map_err(|e| StoreError::opening(&settings.data_dir, e))?;
         let store = Store::open(&settings.data_dir)?;
-        let trail_key = TrailKey::load(settings.trail_key.as_ref(), &settings.data_dir)?;
-        store.check_writable().await?;
-        let client = Client::new(&settings.api_url, &token, settings.request_timeout)?;
-        let listener = crate::runtime::ops_http::bind(settings.metrics_addr)
-            .await
-            .map_err(StartError::MetricsPort)?;
-        let topology = Topology::new(&settings.amqp);
-        let first_session = Session::open(
-            &settings.amqp,
-            &topology,
-            settings.prefetch,
-            settings.partition_prefetch(),
-            &connection_name(),
-        )
-        .await?;
+        // A start refused after this point (a broker layout that does not match, a busy metrics
+        // port) releases the store's lock before it returns: the process may go on (a test, an
+        // operator command) and open the same directory at once.
+        let opened = match Self::reach_the_world(&settings, &store, &token).await {
+            Ok(opened) => opened,
+            Err(refused) => {
+                let _ = store.close().await;
+                return Err(refused);
+            }
+        };
+        let Opened {
+            trail_key,
+            client,
+            listener,
+            topology,
+            first_session,
+        } = opened;
         let stopping = CancellationToken::new();
         let limiter = Limiter::new(
             NonZeroU32::new(settings.rate_limit).expect("validated by clap"),
@@ -139,6 +150,36 @@ impl Worker {
             listener,
             first_session,
             stopping,
+        })
+    }
+
+    /// Everything `start` opens once the store is open: each can refuse the start.
+    async fn reach_the_world(
+        settings: &RunSettings,
+        store: &Store,
+        token: &Secret,
+    ) -> Result<Opened, StartError> {
+        let trail_key = TrailKey::load(settings.trail_key.as_ref(), &settings.data_dir)?;
+        store.check_writable().await?;
+        let client = Client::new(&settings.api_url, token, settings.request_timeout)?;
+        let listener = crate::runtime::ops_http::bind(settings.metrics_addr)
+            .await
+            .map_err(StartError::MetricsPort)?;
+        let topology = Topology::new(&settings.amqp);
+        let first_session = Session::open(
+            &settings.amqp,
+            &topology,
+            settings.prefetch,
+            settings.partition_prefetch(),
+            &connection_name(),
+        )
+        .await?;
+        Ok(Opened {
+            trail_key,
+            client,
+            listener,
+            topology,
+            first_session,
         })
     }
 
