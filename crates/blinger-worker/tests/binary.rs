@@ -23,6 +23,9 @@ fn worker_command(env: &TestEnv) -> Command {
         .env("BLINGER_WORKER_METRICS_ADDR", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(p) = env.names.partitions {
+        cmd.env("BLINGER_WORKER_PARTITIONS", p.to_string());
+    }
     cmd
 }
 
@@ -127,7 +130,7 @@ async fn sigterm_finishes_work_exits_zero_and_logs_no_secret() {
         .iter()
         .filter(|r| r.status == 200)
         .count();
-    let queued = env.queue_len(&env.names.queue.clone()).await as usize;
+    let queued = env.jobs_waiting().await as usize;
     assert_eq!(accepted + queued, 40);
     env.cleanup().await;
 }

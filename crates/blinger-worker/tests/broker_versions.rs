@@ -219,7 +219,7 @@ async fn handing_back_a_tier_message_never_burns_a_delivery_limit() {
     }
     assert_eq!(in_tier, 1, "the tier kept its message");
     assert_eq!(
-        env.queue_len(&env.names.queue).await,
+        env.jobs_waiting().await,
         0,
         "nothing left the tier early for the work queue"
     );

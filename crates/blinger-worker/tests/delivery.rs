@@ -77,7 +77,7 @@ async fn every_kind_is_delivered_with_exact_path_headers_and_body() {
     assert_eq!(text.blinger_id.as_deref(), reqs[0].message_id.as_deref());
     assert_eq!(text.blinger_status.as_deref(), Some("delivered"));
     drop(store);
-    assert_eq!(env.queue_len(&env.names.queue.clone()).await, 0);
+    assert_eq!(env.jobs_waiting().await, 0);
     env.cleanup().await;
 }
 
@@ -158,7 +158,7 @@ async fn a_crash_between_answer_and_ack_does_not_send_twice() {
     );
     assert_eq!(worker.delivered("send-text"), 0);
     worker.stop().await;
-    assert_eq!(env.queue_len(&env.names.queue.clone()).await, 0, "acked");
+    assert_eq!(env.jobs_waiting().await, 0, "acked");
     env.cleanup().await;
 }
 
@@ -190,7 +190,7 @@ async fn an_ack_lost_with_the_connection_does_not_send_twice() {
     assert_eq!(worker.delivered("send-text"), 1);
     assert_eq!(env.sandbox.requests().len(), 1, "sent once");
     worker.stop().await;
-    assert_eq!(env.queue_len(&env.names.queue.clone()).await, 0);
+    assert_eq!(env.jobs_waiting().await, 0);
     env.cleanup().await;
 }
 

@@ -274,7 +274,7 @@ async fn publish_one_job_from_flags() {
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(stdout(&out).is_empty());
-    assert_eq!(env.queue_len(&env.names.queue).await, 0);
+    assert_eq!(env.jobs_waiting().await, 0);
     env.cleanup().await;
 }
 
@@ -495,7 +495,7 @@ async fn dlq_replay_moves_only_the_selection_after_confirm() {
     let would: Vec<&str> = would.iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert_eq!(would, [ids[2].as_str(), ids[5].as_str()]);
     assert!(stderr(&out).contains("dry run"));
-    assert_eq!(env.queue_len(&env.names.queue).await, 0);
+    assert_eq!(env.jobs_waiting().await, 0);
     assert_eq!(dlq_ids(&env).await, ids, "dry run changed nothing");
 
     // The real thing.

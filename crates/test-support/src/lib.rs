@@ -233,6 +233,22 @@ impl TestEnv {
         amqp::ready(&self.conn, queue).await.expect("queue exists")
     }
 
+    /// Jobs waiting to be worked on (ready, not delivered to a consumer): the work queue's, and
+    /// in partitioned mode (`BLINGER_TEST_PARTITIONS`) also the router input's and every
+    /// partition queue's. What a test means by "nothing left" or "handed back" in either mode.
+    pub async fn jobs_waiting(&self) -> u32 {
+        let mut queues = vec![self.names.queue.clone()];
+        if let Some(partitioned) = Topology::new(&self.settings(&[]).amqp).partitioned {
+            queues.push(partitioned.input.clone());
+            queues.extend(partitioned.queues.iter().cloned());
+        }
+        let mut waiting = 0;
+        for queue in &queues {
+            waiting += self.queue_len(queue).await;
+        }
+        waiting
+    }
+
     /// Takes up to `n` dead letters, waiting up to `timeout` for them.
     pub async fn dead_letters(&self, n: usize, timeout: Duration) -> Vec<DeadLetter> {
         amqp::take(&self.channel, &self.names.dead, n, timeout).await
