@@ -29,6 +29,12 @@ use crate::reliability::report::Figures;
 /// From the end of publishing to the last small conversation's job accepted.
 const SMALL_BOUND: Duration = Duration::from_secs(15);
 
+/// From the end of publishing to the big conversation drained: a liveness bound, not a
+/// performance figure (docs/performance.md has those). The short profile runs a debug build beside
+/// other tests: on 2-core machines the drain took 93 s, 133 s (CI), 161 s and once over 180 s
+/// (2026-12-03), the old bound. The release build drained in 59.5 s (docs/reliability.md).
+const DRAIN_BOUND: Duration = Duration::from_secs(420);
+
 /// The counter of jobs sent aside to keep the prefetch fair, if the worker has it.
 const DEFERRED: &str = "blinger_worker_jobs_deferred_total";
 
@@ -83,7 +89,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let mut big_done = None;
     let mut small_at_bound = None;
     let mut big_at_small_done = None;
-    let deadline = published_at + Duration::from_secs(180);
+    let deadline = published_at + DRAIN_BOUND;
     while Instant::now() < deadline {
         progress.poll(&world.sandbox);
         if small_at_bound.is_none() && published_at.elapsed() >= SMALL_BOUND {
