@@ -77,7 +77,7 @@ run_broker() {
     # Partitioned mode (docs/scale-out.md, step 3): the same tests with every worker, CLI command
     # and declared topology at 16 partitions. Left out, each listed in docs/scale-out.md section 7
     # step 3: operator (reads the work queue with basic.get), broker_versions (broker facts, not
-    # the mode), fairness (open defects at 16 partitions), and two hostile-publisher checks of
+    # the mode), fairness (failures at 16 partitions, not diagnosed), and two hostile-publisher checks of
     # what the router's copy does not record yet.
     phase "integration tests, 16 partitions" "$label" \
       "${env[@]}" BLINGER_TEST_PARTITIONS=16 cargo nextest run --profile ci -E "$PARTITIONED_TESTS" \

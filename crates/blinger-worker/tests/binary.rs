@@ -21,11 +21,9 @@ fn worker_command(env: &TestEnv) -> Command {
         .env("BLINGER_API_URL", env.sandbox.base_url())
         .env("BLINGER_WORKER_DATA_DIR", env.data_dir.path())
         .env("BLINGER_WORKER_METRICS_ADDR", "127.0.0.1:0")
+        .envs(env.names.partitions_env())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(p) = env.names.partitions {
-        cmd.env("BLINGER_WORKER_PARTITIONS", p.to_string());
-    }
     cmd
 }
 

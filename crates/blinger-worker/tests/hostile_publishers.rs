@@ -606,11 +606,7 @@ async fn a_deeply_nested_header_costs_nothing() {
         .env("BLINGER_API_TOKEN", TOKEN)
         .env("BLINGER_WORKER_DATA_DIR", env.data_dir.path())
         .env("BLINGER_WORKER_METRICS_ADDR", "127.0.0.1:0")
-        .envs(
-            env.names
-                .partitions
-                .map(|p| ("BLINGER_WORKER_PARTITIONS", p.to_string())),
-        )
+        .envs(env.names.partitions_env())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(env.data_dir.path().join("worker.log")).unwrap())
         .spawn()

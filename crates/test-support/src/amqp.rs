@@ -79,6 +79,13 @@ impl Names {
         }
     }
 
+    /// The environment that gives a worker binary or CLI command these names' partition count
+    /// (nothing in single-queue mode), for `Command::envs`.
+    pub fn partitions_env(&self) -> Option<(&'static str, String)> {
+        self.partitions
+            .map(|p| ("BLINGER_WORKER_PARTITIONS", p.to_string()))
+    }
+
     /// Every exchange a worker of these names may declare.
     pub fn exchanges(&self) -> Vec<String> {
         vec![

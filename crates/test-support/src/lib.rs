@@ -182,10 +182,8 @@ impl TestEnv {
             // The harness's tiers: a topology the binary declares must match the worker's.
             .env("BLINGER_WORKER_RETRY_DELAYS", TEST_DELAYS)
             .env("BLINGER_WORKER_DATA_DIR", self.data_dir.path())
+            .envs(self.names.partitions_env())
             .stdin(std::process::Stdio::null());
-        if let Some(p) = self.names.partitions {
-            cmd.env("BLINGER_WORKER_PARTITIONS", p.to_string());
-        }
         cmd
     }
 
