@@ -256,6 +256,11 @@ pub struct AmqpSettings {
     #[arg(long, env = "BLINGER_WORKER_PARTITIONS", default_value_t = 0,
           value_parser = clap::value_parser!(u16).range(0..=crate::engine::partition::MAX_PARTITIONS as i64))]
     pub partitions: u16,
+
+    /// Delivered records older than this are pruned. In partitioned mode also the age limit of
+    /// the delivered-records log (`{queue}.log`), set when the log is first declared.
+    #[arg(long, env = "BLINGER_WORKER_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: Duration,
 }
 
 /// A non-empty list of delays, parsed from `5s,30s,2m`.
@@ -386,10 +391,6 @@ pub struct RunSettings {
     /// On SIGTERM, time given to jobs in flight before the rest is handed back to the broker.
     #[arg(long, env = "BLINGER_WORKER_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
-
-    /// Delivered records older than this are pruned.
-    #[arg(long, env = "BLINGER_WORKER_RETENTION", default_value = "7d", value_parser = parse_duration)]
-    pub retention: Duration,
 
     /// Publish a receipt event for every delivered or dead-lettered job.
     #[arg(long, env = "BLINGER_WORKER_RECEIPTS", default_value_t = true, action = clap::ArgAction::Set)]

@@ -139,6 +139,8 @@ enum Request {
         id: [u8; 16],
         entry: Option<Vec<u8>>,
     },
+    /// The offset of the delivered-records log read up to; answered by no one.
+    LogOffset(u64),
 }
 
 /// Page cache of the store. Lookups are by exact key and mostly for recent jobs.
@@ -181,7 +183,13 @@ struct Handles {
     /// Known sequences: job id → sequence, then when the job arrived (Unix ms), both
     /// big-endian, then the conversation id.
     known: sled::Tree,
+    /// Partitioned mode's place in the delivered-records log: [`LOG_OFFSET`] → the offset of
+    /// the last entry applied (big-endian).
+    log: sled::Tree,
 }
+
+/// Key of the log offset in the `log` tree.
+const LOG_OFFSET: &[u8] = b"offset";
 
 /// What the store handles and the writer thread share.
 struct Shared {
@@ -270,6 +278,7 @@ fn open_handles(dir: &Path, generation: u64) -> Result<Handles, StoreError> {
     let by_time = db.open_tree("delivered_by_time").map_err(open_err)?;
     let chains = db.open_tree("chains").map_err(open_err)?;
     let known = db.open_tree("chain_known").map_err(open_err)?;
+    let log = db.open_tree("log").map_err(open_err)?;
     Ok(Handles {
         generation,
         db,
@@ -277,6 +286,7 @@ fn open_handles(dir: &Path, generation: u64) -> Result<Handles, StoreError> {
         by_time,
         chains,
         known,
+        log,
     })
 }
 
@@ -504,6 +514,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Where the delivered-records log was read up to: the offset of the last entry applied, or
+    /// `None` for a store that never read it (start from the beginning).
+    pub fn log_offset(&self) -> Result<Option<u64>, StoreError> {
+        let h = self.handles()?;
+        Ok(h.log
+            .get(LOG_OFFSET)?
+            .and_then(|raw| <[u8; 8]>::try_from(&raw[..]).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Keeps where the log was read up to. Durable with the next flush, after everything written
+    /// before it: a crash leaves an offset whose entries are all applied.
+    pub fn write_log_offset(&self, offset: u64) {
+        let _ = self.inner.requests.send(Request::LogOffset(offset));
+    }
+
     /// Waits for a flush that starts after this call: everything written before is then durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.flush_generation().await.map(drop)
@@ -682,6 +708,9 @@ fn insert_batch(h: &Handles, batch: &[Request]) -> sled::Result<()> {
             } => {
                 h.known.insert(id, entry.as_slice())?;
             }
+            Request::LogOffset(offset) => {
+                h.log.insert(LOG_OFFSET, &offset.to_be_bytes())?;
+            }
             Request::Record { .. } | Request::Flush(_) => {}
         }
     }
@@ -690,7 +719,10 @@ fn insert_batch(h: &Handles, batch: &[Request]) -> sled::Result<()> {
             Request::Record {
                 id, at_ms, value, ..
             } => Some((id, *at_ms, value)),
-            Request::Flush(_) | Request::Chain { .. } | Request::Known { .. } => None,
+            Request::Flush(_)
+            | Request::Chain { .. }
+            | Request::Known { .. }
+            | Request::LogOffset(_) => None,
         })
     };
     let Some(newest) = records().map(|(_, at_ms, _)| at_ms).max() else {
@@ -735,6 +767,29 @@ mod tests {
             attempts: 1,
             digest: None,
         }
+    }
+
+    #[tokio::test]
+    async fn the_log_offset_is_kept_across_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.log_offset().unwrap(),
+            None,
+            "a new store reads from the start"
+        );
+        store.write_log_offset(41);
+        store.write_log_offset(u64::MAX - 1);
+        store.flush().await.unwrap();
+        assert_eq!(store.log_offset().unwrap(), Some(u64::MAX - 1));
+        store.close().await.unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.log_offset().unwrap(),
+            Some(u64::MAX - 1),
+            "the last one written"
+        );
+        store.close().await.unwrap();
     }
 
     #[tokio::test]

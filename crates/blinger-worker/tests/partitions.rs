@@ -237,3 +237,108 @@ async fn a_worker_with_another_partition_count_refuses_to_start() {
     }
     env.cleanup().await;
 }
+
+/// The delivered-records log (docs/scale-out.md 4.5): a replica with an empty store, as after its
+/// volume was lost, recognises every job another replica delivered and acks it unsent; a forged
+/// "delivered" record (unsealed, published where receipts go) makes no job vanish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_an_empty_store_recognises_what_another_delivered() {
+    let env = TestEnv::new("log").await;
+    let shared = [
+        "--partitions",
+        "4",
+        "--trail-key",
+        "one-key-for-every-replica",
+    ];
+    let mut jobs = Vec::new();
+    for i in 0..30 {
+        let conversation = format!("c-log-{}", i % 6);
+        jobs.push(if i % 3 == 0 {
+            serde_json::json!({"kind": "request-review", "id": uuid::Uuid::new_v4(),
+                               "conversation_id": conversation})
+        } else {
+            text_job(&conversation, &format!("{i}"))
+        });
+    }
+    // The first replica with receipts off: its records go to the log directly.
+    let first = env
+        .start_worker(&[&shared[..], &["--receipts", "false"]].concat())
+        .await;
+    for job in &jobs {
+        env.publish(job).await;
+    }
+    assert!(
+        eventually(T, || first.delivered_total() == 30).await,
+        "30 delivered by the first, got {}",
+        first.delivered_total()
+    );
+    first.stop().await;
+    assert_eq!(env.sandbox.requests().len(), 30);
+
+    // Someone who may publish receipts forges the record of a job not yet sent.
+    let forged = text_job("c-log-forged", "must still be sent");
+    let receipt = serde_json::json!({
+        "id": forged["id"], "kind": "send-text", "conversation_id": "c-log-forged",
+        "outcome": "delivered", "reason": null, "blinger_message_id": "forged",
+        "blinger_status": "delivered", "http_status": 200, "attempts": 1,
+        "received_at": "2026-12-01T00:00:00Z", "finished_at": "2026-12-01T00:00:01Z"});
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-blinger-seal".into(),
+        ls("00112233445566778899aabbccddeeff"),
+    );
+    env.channel
+        .basic_publish(
+            env.names.events.as_str().into(),
+            "delivered.send-text".into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&receipt).unwrap(),
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // The second replica: another, empty data directory; every job comes again.
+    let empty = tempfile::tempdir().unwrap();
+    let dir = empty.path().display().to_string();
+    let second = env
+        .start_worker(&[&shared[..], &["--data-dir", &dir]].concat())
+        .await;
+    for job in jobs.iter().chain([&forged]) {
+        env.publish(job).await;
+    }
+    let duplicates = |w: &RunningWorker| {
+        ["send-text", "request-review"]
+            .iter()
+            .map(|k| w.metrics.jobs_duplicate.with_label_values(&[k]).get())
+            .sum::<u64>()
+    };
+    assert!(
+        eventually(T, || duplicates(&second) == 30
+            && second.delivered_total() == 1)
+        .await,
+        "the 30 recognised, the forged one sent: {} duplicates, {} delivered",
+        duplicates(&second),
+        second.delivered_total()
+    );
+    let requests = env.sandbox.requests();
+    assert_eq!(
+        requests.len(),
+        31,
+        "nothing sent twice, the forged job sent once"
+    );
+    assert_eq!(
+        requests.last().unwrap().body["uuid"],
+        forged["id"],
+        "the last call is the forged job's"
+    );
+    assert!(second.metrics.log_records_applied.get() >= 30);
+    assert!(
+        second.metrics.log_records_rejected.get() >= 1,
+        "the forgery is counted"
+    );
+    second.stop().await;
+    env.cleanup().await;
+}

@@ -28,6 +28,8 @@
 //!   └─ "00".."15" ─> queues blinger.outbound.p.00 .. .p.15 (single active consumer each)
 //! exchange blinger.outbound.unrouted (fanout) ─> queue blinger.outbound.unrouted (routed again)
 //! stream blinger.outbound.topology (one record: P and the hash version, checked at every start)
+//! exchange blinger.outbound.events ─"delivered.#"─> stream blinger.outbound.log (the delivered
+//!   records, sealed receipts; x-max-age = BLINGER_WORKER_RETENTION)
 //! ```
 //!
 //! Delay tiers use per-queue TTLs, not a broker plugin: every message in a tier waits the same
@@ -95,6 +97,8 @@ pub struct Partitioned {
     pub unrouted: String,
     /// The stream holding the layout record: `{queue}.topology`.
     pub layout: String,
+    /// The delivered-records log, a stream: `{queue}.log` (docs/scale-out.md 4.5).
+    pub log: String,
     /// `{queue}.p.00` … in partition order.
     pub queues: Vec<String>,
 }
@@ -107,6 +111,7 @@ impl Partitioned {
             exchange: format!("{queue}.partitions"),
             unrouted: format!("{queue}.unrouted"),
             layout: format!("{queue}.topology"),
+            log: format!("{queue}.log"),
             queues: (0..count)
                 .map(|p| format!("{queue}.p.{}", label(p, count)))
                 .collect(),
@@ -124,6 +129,7 @@ impl Partitioned {
             self.input.clone(),
             self.unrouted.clone(),
             self.layout.clone(),
+            self.log.clone(),
         ];
         all.extend(self.queues.iter().cloned());
         all
@@ -257,7 +263,8 @@ async fn declare_all(
                 partitioned,
                 work_args,
             )
-            .await?
+            .await?;
+            declare_log(connection, channel, settings, topology, partitioned).await?;
         }
     }
 
@@ -370,6 +377,68 @@ async fn declare_partitioned(
         .queue_declare(partitioned.layout.as_str().into(), durable, stream)
         .await?;
     Ok(())
+}
+
+/// The delivered-records log: a stream bound to the receipts exchange with `delivered.#`, so a
+/// `delivered` receipt is the record (no publish of its own), kept for the retention.
+///
+/// A stream's age limit cannot be changed by declaring it again (RabbitMQ refuses other
+/// arguments). With `connection`, a log declared with another retention is kept as it is, with a
+/// warning that names the policy that changes it; without, the refusal is the caller's error.
+async fn declare_log(
+    connection: Option<&Connection>,
+    channel: &Channel,
+    settings: &AmqpSettings,
+    topology: &Topology,
+    partitioned: &Partitioned,
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), string("stream"));
+    args.insert(
+        "x-max-age".into(),
+        string(&format!("{}s", settings.retention.as_secs().max(1))),
+    );
+    let name = partitioned.log.as_str();
+    match connection {
+        None => {
+            channel.queue_declare(name.into(), durable, args).await?;
+        }
+        Some(connection) => {
+            let probe = connection.create_channel().await?;
+            match probe.queue_declare(name.into(), durable, args).await {
+                Ok(_) => {
+                    let _ = probe.close(200, "declared".into()).await;
+                }
+                Err(e) if is_precondition_failed(&e) => {
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    };
+                    channel
+                        .queue_declare(name.into(), passive, FieldTable::default())
+                        .await?;
+                    let pattern = format!("^{}$", regex_escape(name));
+                    tracing::warn!(
+                        queue = name,
+                        "the delivered-records log {name} was declared with another age limit and \
+                         keeps it; BLINGER_WORKER_RETENTION does not change a declared stream. To \
+                         change it, set a policy, e.g. rabbitmqctl set_policy --apply-to queues \
+                         'blinger-worker-log-{name}' '{pattern}' '{{\"max-age\": \"7D\"}}' \
+                         (docs/deploy.md, \"Partitions\")"
+                    );
+                }
+                Err(e) => {
+                    let _ = probe.close(200, "declared".into()).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+    bind(channel, name, &topology.receipts_exchange, "delivered.#").await
 }
 
 fn is_precondition_failed(e: &lapin::Error) -> bool {

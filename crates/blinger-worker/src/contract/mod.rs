@@ -1,9 +1,12 @@
 //! The public contract with publishers, decoded once at the edge: the job body ([`job`]), the
 //! worker's own sealed `x-blinger-*` headers on a job ([`trail`]), the note it writes on parked
-//! and dead-lettered copies ([`annotation`]), why it dead-letters ([`reason`]) and the outcome
-//! events it publishes ([`receipts`]). Other services rely on these shapes: extend them, never change them.
+//! and dead-lettered copies ([`annotation`]), why it dead-letters ([`reason`]), the outcome
+//! events it publishes ([`receipts`]) and, in partitioned mode, the sealed form in which a
+//! `delivered` receipt is the job's record in the delivered-records log ([`delivered_log`]).
+//! Other services rely on these shapes: extend them, never change them.
 
 pub mod annotation;
+pub mod delivered_log;
 pub mod job;
 pub mod reason;
 pub mod receipts;

@@ -152,9 +152,16 @@ impl TrailKey {
         }
     }
 
-    fn seal(&self, trail: &Trail, body: &[u8]) -> Hmac<Sha256> {
+    /// An HMAC-SHA256 under this key, started with `domain` (NUL-terminated by the caller), so
+    /// that a seal made for one purpose never verifies for another.
+    pub(crate) fn mac(&self, domain: &[u8]) -> Hmac<Sha256> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
-        mac.update(b"blinger-worker/trail/v1\0");
+        mac.update(domain);
+        mac
+    }
+
+    fn seal(&self, trail: &Trail, body: &[u8]) -> Hmac<Sha256> {
+        let mut mac = self.mac(b"blinger-worker/trail/v1\0");
         mac.update(&Sha256::digest(body));
         mac.update(&u64::from(trail.attempts).to_be_bytes());
         mac.update(&u64::from(trail.retries).to_be_bytes());
@@ -168,6 +175,14 @@ impl TrailKey {
             }
         }
         mac
+    }
+}
+
+#[cfg(test)]
+impl TrailKey {
+    /// A fixed key for unit tests.
+    pub(crate) fn for_tests(seed: u8) -> TrailKey {
+        TrailKey([seed; 32])
     }
 }
 
@@ -273,7 +288,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn key(seed: u8) -> TrailKey {
-        TrailKey([seed; 32])
+        TrailKey::for_tests(seed)
     }
 
     fn props(headers: Vec<(&'static str, AMQPValue)>) -> BasicProperties {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -40,6 +40,7 @@ use crate::broker::outbox::Outbox;
 use crate::broker::{self, Topology, outgoing};
 use crate::config::TokenSource;
 use crate::contract::annotation::{Annotation, clip_error};
+use crate::contract::delivered_log;
 use crate::contract::job::{InvalidJob, Job, Kind};
 use crate::contract::reason::DeadReason;
 use crate::contract::receipts::{self, Receipt};
@@ -389,13 +390,11 @@ impl Pipeline {
             .with_label_values(&[job.kind().as_str()])
             .inc();
         debug!(id = %job.id, "already delivered; acking the duplicate");
-        // Receipts are at-least-once: a crash may have lost the first one.
-        self.receipt(work, receipts::Outcome::Delivered, None, |r| {
-            r.blinger_message_id = record.blinger_id.clone();
-            r.blinger_status = record.blinger_status.clone();
-            r.attempts = record.attempts.into();
-        })
-        .await;
+        // Receipts are at-least-once: a crash may have lost the first one (and in partitioned
+        // mode, with it the record in the log).
+        if !self.delivered_receipt(work, &record, None).await {
+            return Outcome::HandedBack;
+        }
         self.ack(work);
         Outcome::Duplicate
     }
@@ -688,13 +687,12 @@ impl Pipeline {
                 }
             }
         }
-        self.receipt(work, receipts::Outcome::Delivered, None, |r| {
-            r.blinger_message_id = record.blinger_id.clone();
-            r.blinger_status = record.blinger_status.clone();
-            r.http_status = Some(accepted.http_status);
-            r.attempts = attempts.into();
-        })
-        .await;
+        if !self
+            .delivered_receipt(work, &record, Some(accepted.http_status))
+            .await
+        {
+            return Outcome::HandedBack;
+        }
         self.ack(work);
         let kind = job.kind().as_str();
         self.metrics.jobs_delivered.with_label_values(&[kind]).inc();
@@ -823,19 +821,81 @@ impl Pipeline {
         Outcome::HandedBack
     }
 
-    /// Publishes the job's receipt, when receipts are on. Never fails the job.
-    async fn receipt(
+    /// The `delivered` receipt of a job whose record is durable in the store, before its ack.
+    ///
+    /// In single-queue mode that is [`Pipeline::receipt`]: best effort. In partitioned mode the
+    /// receipt is also the job's record in the delivered-records log, which is how every other
+    /// replica, and this one after losing its volume, knows the job was sent
+    /// ([`crate::contract::delivered_log`]): it is sealed, published even with receipts off
+    /// (straight to the log then), and must be confirmed. Until it is, the job is held, unacked,
+    /// and the publish retried, like a store write that fails. False when the job's session was
+    /// lost or the shutdown grace ended first: the caller hands the job back.
+    async fn delivered_receipt(
+        &self,
+        work: &Work,
+        record: &Delivered,
+        http_status: Option<u16>,
+    ) -> bool {
+        let fill = |r: &mut Receipt| {
+            r.blinger_message_id = record.blinger_id.clone();
+            r.blinger_status = record.blinger_status.clone();
+            r.http_status = http_status;
+            r.attempts = record.attempts.into();
+        };
+        let Some(partitioned) = &self.topology.partitioned else {
+            self.receipt(work, receipts::Outcome::Delivered, None, fill)
+                .await;
+            return true;
+        };
+        let mut receipt = self.receipt_of(work, receipts::Outcome::Delivered, None);
+        fill(&mut receipt);
+        let (routing_key, body, properties) = receipts::message(&receipt);
+        let mut headers = FieldTable::default();
+        for (name, value) in
+            delivered_log::record_headers(&body, record.digest.as_deref(), &self.trail_key)
+        {
+            headers.insert(name.into(), value);
+        }
+        let properties = properties.with_headers(headers);
+        let (exchange, routing_key) = match &self.receipts {
+            Some(exchange) => (exchange.as_str(), routing_key),
+            None => ("", partitioned.log.clone()),
+        };
+        let mut backoff = STORE_RETRY;
+        loop {
+            let published = work.session.outbox.publish(
+                exchange,
+                &routing_key,
+                body.clone(),
+                properties.clone(),
+            );
+            let error = match on_session(work, published).await {
+                Some(Ok(())) => {
+                    self.health.set_log_writable(true);
+                    return true;
+                }
+                None if work.session.alive.is_cancelled() => return false,
+                None => "no confirm in time".to_owned(),
+                Some(Err(e)) => e.to_string(),
+            };
+            self.metrics.log_publish_failed.inc();
+            self.health.set_log_writable(false);
+            error!(id = ?receipt.id, %error, "the delivered-records log did not take a record; holding the job's ack until it does");
+            if !self.sleep_unless(&self.abort, backoff.next_wait()).await {
+                return false;
+            }
+        }
+    }
+
+    /// The receipt of `work`, its outcome fields left for the caller.
+    fn receipt_of(
         &self,
         work: &Work,
         outcome: receipts::Outcome,
         reason: Option<DeadReason>,
-        fill: impl FnOnce(&mut Receipt),
-    ) {
-        let Some(exchange) = &self.receipts else {
-            return;
-        };
+    ) -> Receipt {
         let job = work.job.as_ref().ok();
-        let mut receipt = Receipt {
+        Receipt {
             id: job.map(|j| j.id.to_string()),
             kind: kind_label(work.kind()).to_owned(),
             conversation_id: job.map(|j| j.conversation_id.clone()),
@@ -847,7 +907,21 @@ impl Pipeline {
             attempts: 0,
             received_at: receipts::timestamp(self.first_seen_ms(work)),
             finished_at: receipts::timestamp(now_ms()),
+        }
+    }
+
+    /// Publishes the job's receipt, when receipts are on. Never fails the job.
+    async fn receipt(
+        &self,
+        work: &Work,
+        outcome: receipts::Outcome,
+        reason: Option<DeadReason>,
+        fill: impl FnOnce(&mut Receipt),
+    ) {
+        let Some(exchange) = &self.receipts else {
+            return;
         };
+        let mut receipt = self.receipt_of(work, outcome, reason);
         fill(&mut receipt);
         let (routing_key, body, properties) = receipts::message(&receipt);
         let published = work

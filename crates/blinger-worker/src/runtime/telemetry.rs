@@ -47,6 +47,10 @@ pub struct Metrics {
     pub receipts_failed: IntCounter,
     pub router_routed: IntCounter,
     pub router_unrouted: IntCounter,
+    pub log_records_applied: IntCounter,
+    pub log_records_rejected: IntCounter,
+    pub log_publish_failed: IntCounter,
+    pub log_caught_up: IntGauge,
 }
 
 impl Metrics {
@@ -200,6 +204,44 @@ impl Metrics {
                     .expect("unique metric");
                 c
             },
+            log_records_applied: {
+                let c = IntCounter::new(
+                    "blinger_worker_log_records_applied_total",
+                    "Delivered records of other senders (or of an earlier life of this data directory) read from the delivered-records log into the store (partitioned mode).",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            log_records_rejected: {
+                let c = IntCounter::new(
+                    "blinger_worker_log_records_rejected_total",
+                    "Messages of the delivered-records log not applied: no valid seal (forged, or another trail key) or unreadable.",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            log_publish_failed: {
+                let c = IntCounter::new(
+                    "blinger_worker_log_publish_failed_total",
+                    "Delivered records the log did not confirm (partitioned mode); each holds its job, unacked, until a retry is confirmed.",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            log_caught_up: gauge(
+                "blinger_worker_log_caught_up",
+                "0 while a partitioned worker reads the delivered-records log up to its end, before \
+                 it consumes any partition; 1 otherwise.",
+            ),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -253,6 +295,10 @@ pub struct Health {
     amqp: AtomicBool,
     store: AtomicBool,
     paused: AtomicBool,
+    /// The delivered-records log confirms what is published to it (partitioned mode).
+    log_writable: AtomicBool,
+    /// Partitioned mode: this session has read the log to its end.
+    log_caught_up: AtomicBool,
     /// Since when the worker is paused with jobs waiting and none probing (see `pause`).
     unprobed_since: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
@@ -264,11 +310,14 @@ pub const UNPROBED_LIMIT: std::time::Duration = std::time::Duration::from_secs(1
 
 impl Health {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Health> {
+        metrics.log_caught_up.set(1);
         Arc::new(Health {
             metrics,
             amqp: AtomicBool::new(false),
             store: AtomicBool::new(true),
             paused: AtomicBool::new(false),
+            log_writable: AtomicBool::new(true),
+            log_caught_up: AtomicBool::new(true),
             unprobed_since: std::sync::Mutex::new(None),
         })
     }
@@ -298,6 +347,15 @@ impl Health {
         self.metrics.paused.set(paused as i64);
     }
 
+    pub fn set_log_writable(&self, ok: bool) {
+        self.log_writable.store(ok, Ordering::SeqCst);
+    }
+
+    pub fn set_log_caught_up(&self, caught_up: bool) {
+        self.log_caught_up.store(caught_up, Ordering::SeqCst);
+        self.metrics.log_caught_up.set(caught_up as i64);
+    }
+
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
     }
@@ -308,6 +366,10 @@ impl Health {
             Some("not connected to RabbitMQ")
         } else if !self.store.load(Ordering::SeqCst) {
             Some("store not writable")
+        } else if !self.log_caught_up.load(Ordering::SeqCst) {
+            Some("catching up the delivered-records log")
+        } else if !self.log_writable.load(Ordering::SeqCst) {
+            Some("the delivered-records log does not confirm records")
         } else if self.paused.load(Ordering::SeqCst) {
             Some("paused: Blinger refused the API token (401/403)")
         } else {

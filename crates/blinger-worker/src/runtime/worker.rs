@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::blinger::Client;
 use crate::blinger::client::ClientError;
+use crate::broker::log::Tailer;
 use crate::broker::outbox::SessionOutbox;
 use crate::broker::router::Router;
 use crate::broker::{AmqpError, Session, Topology};
@@ -220,7 +221,7 @@ impl Worker {
         ));
         let pruner = tokio::spawn(prune_forever(
             pipeline.store().clone(),
-            settings.retention,
+            settings.amqp.retention,
             shutdown.clone(),
         ));
 
@@ -420,6 +421,45 @@ async fn consume(
 ) -> Ended {
     let alive = CancellationToken::new();
     let topology = pipeline.topology();
+    // Partitioned mode: the delivered-records log is read to its end before any partition is
+    // consumed, so that no job another replica delivered is sent again from here.
+    let mut tailer = match &topology.partitioned {
+        None => None,
+        Some(partitioned) => {
+            health.set_amqp_connected(true);
+            health.set_log_caught_up(false);
+            let started = Tailer::start(
+                &session.connection,
+                &partitioned.log,
+                pipeline.store().clone(),
+                pipeline.trail_key().clone(),
+                metrics.clone(),
+                alive.clone(),
+            )
+            .await;
+            let mut tailer = match started {
+                Ok(tailer) => tailer,
+                Err(e) => {
+                    alive.cancel();
+                    return Ended::Lost(format!("reading the delivered-records log: {e}"));
+                }
+            };
+            let began = tokio::time::Instant::now();
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    alive.cancel();
+                    return Ended::Shutdown { alive, outboxes: Vec::new() };
+                }
+                caught_up = tailer.caught_up() => if let Err(e) = caught_up {
+                    alive.cancel();
+                    return Ended::Lost(format!("reading the delivered-records log: {e}"));
+                }
+            }
+            health.set_log_caught_up(true);
+            info!(took = ?began.elapsed(), "read the delivered-records log up to its end");
+            Some(tailer)
+        }
+    };
     let sources = sources(settings, session, topology, &alive);
     let mut consumers = Vec::with_capacity(sources.len());
     for (i, source) in sources.iter().enumerate() {
@@ -496,6 +536,9 @@ async fn consume(
                 None => break Ended::Lost("consumer closed".into()),
             },
             failed = async { router.as_mut().expect("guarded").failed().await }, if router.is_some() => {
+                break Ended::Lost(failed.to_string());
+            }
+            failed = async { tailer.as_mut().expect("guarded").failed().await }, if tailer.is_some() => {
                 break Ended::Lost(failed.to_string());
             }
             _ = check.tick() => {
