@@ -687,6 +687,14 @@ impl Pipeline {
                 }
             }
         }
+        // Delivered once the record is durable, whether or not the ack reaches the broker (a
+        // redelivery then counts as a duplicate).
+        let kind = job.kind().as_str();
+        self.metrics.jobs_delivered.with_label_values(&[kind]).inc();
+        self.metrics
+            .delivery_latency
+            .with_label_values(&[kind])
+            .observe(self.latency(work).as_secs_f64());
         if !self
             .delivered_receipt(work, &record, Some(accepted.http_status))
             .await
@@ -694,12 +702,6 @@ impl Pipeline {
             return Outcome::HandedBack;
         }
         self.ack(work);
-        let kind = job.kind().as_str();
-        self.metrics.jobs_delivered.with_label_values(&[kind]).inc();
-        self.metrics
-            .delivery_latency
-            .with_label_values(&[kind])
-            .observe(self.latency(work).as_secs_f64());
         debug!(id = %job.id, kind, attempts, "delivered");
         Outcome::Delivered
     }
