@@ -342,3 +342,167 @@ async fn a_replica_with_an_empty_store_recognises_what_another_delivered() {
     second.stop().await;
     env.cleanup().await;
 }
+
+/// A partition taken over in the middle of a session (docs/scale-out.md 4.6): the jobs the
+/// previous consumer leaves behind are looked up only after this replica has read the log back
+/// past the takeover, so a job the previous owner recorded just before it went is not sent again,
+/// however far this replica's reading of the log lags behind.
+///
+/// The lag is made certain, not hoped for: the replica (the real binary) is stopped with SIGSTOP
+/// while the previous owner's record goes into the log behind 50,000 other entries and the owner
+/// goes; on SIGCONT the job is in the replica's socket at once, the record 25 credit round trips
+/// of the log away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_taken_over_is_not_sent_before_the_log_is_read_back() {
+    use blinger_worker::config::Secret;
+    use blinger_worker::contract::delivered_log;
+    use blinger_worker::contract::trail::TrailKey;
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+
+    const KEY: &str = "one-key-for-every-replica";
+    const OTHER_ENTRIES: usize = 50_000;
+    let env = TestEnv::new("takeover").await;
+    let flags = ["--partitions", "1", "--trail-key", KEY];
+    let topology = env.declare_with(&flags).await;
+    let partition = topology.partitioned.clone().unwrap().queues[0].clone();
+    let log = topology.partitioned.clone().unwrap().log;
+
+    // The previous owner: the partition's first consumer, so its active one.
+    let owner = env.conn.create_channel().await.unwrap();
+    owner
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut owned = owner
+        .basic_consume(
+            partition.as_str().into(),
+            "previous-owner".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // The replica under test: it reads the log up to its end, then waits on the partition.
+    let port = test_support::net::free_port();
+    let replica = env
+        .command(env!("CARGO_BIN_EXE_blinger-worker"))
+        .arg("run")
+        .env("BLINGER_API_URL", env.sandbox.base_url())
+        .env("BLINGER_API_TOKEN", TOKEN)
+        .env("BLINGER_WORKER_PARTITIONS", "1")
+        .env("BLINGER_WORKER_TRAIL_KEY", KEY)
+        .env("BLINGER_WORKER_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let replica = Child(Some(replica));
+    let pid = replica.pid();
+
+    // The replica's router puts the job into the partition, where the previous owner gets it.
+    let job = text_job("c-takeover", "must reach Blinger once");
+    env.publish(&job).await;
+    let delivery = tokio::time::timeout(T, owned.next())
+        .await
+        .expect("the previous owner gets the job")
+        .unwrap()
+        .unwrap();
+    let sent: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+    assert_eq!(sent["id"], job["id"]);
+
+    signal(&pid, "-STOP");
+    // The previous owner "sends" it: its record is confirmed in the log behind other entries
+    // (here unsealed ones, which every reader skips), then the owner goes without an ack.
+    let mut confirms = Vec::with_capacity(OTHER_ENTRIES);
+    for _ in 0..OTHER_ENTRIES {
+        confirms.push(
+            env.channel
+                .basic_publish(
+                    "".into(),
+                    log.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"{}",
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for confirm in confirms {
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    let receipt = serde_json::to_vec(&serde_json::json!({
+        "id": job["id"], "kind": "send-text", "conversation_id": "c-takeover",
+        "outcome": "delivered", "reason": null, "blinger_message_id": "sent-by-the-previous-owner",
+        "blinger_status": "delivered", "http_status": 200, "attempts": 1,
+        "received_at": "2026-12-07T00:00:00Z", "finished_at": "2026-12-07T00:00:01Z"}))
+    .unwrap();
+    let key = TrailKey::from_secret(&Secret::new(KEY)).unwrap();
+    let mut headers = FieldTable::default();
+    for (name, value) in delivered_log::record_headers(&receipt, None, &key) {
+        headers.insert(name.into(), value);
+    }
+    env.publish_to_queue(
+        &log,
+        &receipt,
+        BasicProperties::default().with_headers(headers),
+    )
+    .await;
+    owner
+        .close(200, "the previous owner goes".into())
+        .await
+        .unwrap();
+    // The broker hands the job to the stopped replica.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&pid, "-CONT");
+
+    let duplicates = "blinger_worker_jobs_duplicate_total{kind=\"send-text\"} 1";
+    let settled = test_support::poll::until(T, || async {
+        let metrics = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        metrics.contains(duplicates) || !env.sandbox.requests().is_empty()
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "the replica neither sent nor recognised the job"
+    );
+    assert_eq!(
+        env.sandbox.requests().len(),
+        0,
+        "the job the previous owner recorded was sent again by the replica that took over"
+    );
+    signal(&pid, "-TERM");
+    drop(replica);
+    env.cleanup().await;
+}
+
+/// A spawned replica, killed if the test ends before it stops.
+struct Child(Option<std::process::Child>);
+
+impl Child {
+    fn pid(&self) -> String {
+        self.0.as_ref().unwrap().id().to_string()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(pid: &str, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}

@@ -7,6 +7,11 @@
 //!   publishes a marker into the log (confirmed) and reads until it finds it again; only then
 //!   does [`Tailer::caught_up`] return, and only then does the worker subscribe to its
 //!   partitions. Every record confirmed before the marker is in the store by then.
+//! - **Nothing is sent from a partition taken over before the log is read again.** The same
+//!   read-back, [`Barrier::pass`], can be asked for at any time: a partition consumer that the
+//!   broker activates in the middle of a session (the previous consumer died or left) passes one
+//!   before any of its jobs is looked up, so a record the previous owner confirmed before it went
+//!   is in the store, however far the live reading lags behind the log.
 //! - **A crash leaves a consistent prefix.** Records of a batch are written (group-committed,
 //!   durable) before the batch's offset is kept, and the offset before the batch is acked; a
 //!   restart reads on from the kept offset, and applying a record twice is harmless.
@@ -18,7 +23,8 @@
 //! in `x-stream-offset`, acks only grant credit. The consumer must be connected to a node with a
 //! replica of the stream (docs/scale-out.md 2).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -27,7 +33,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -57,7 +63,70 @@ pub enum LogError {
 /// A running tailer.
 pub struct Tailer {
     task: tokio::task::JoinHandle<Result<(), LogError>>,
-    caught_up: watch::Receiver<bool>,
+    barrier: Barrier,
+}
+
+/// Read-backs of the log: a marker published now, and a wait until the reading has applied it.
+/// Cheap to clone; every clone ends with the tailer's session.
+#[derive(Clone)]
+pub struct Barrier {
+    channel: lapin::Channel,
+    log: String,
+    /// Markers published and not yet read back, each with the one waiting for it.
+    waiting: Arc<Mutex<HashMap<Uuid, oneshot::Sender<()>>>>,
+}
+
+impl Barrier {
+    /// Returns once every entry the log confirmed before this call is in the store: publishes a
+    /// marker (confirmed) and waits until the reading has applied the batch that holds it. An
+    /// error when the marker is refused or the reading ends first (the session is over then).
+    pub async fn pass(&self) -> Result<(), LogError> {
+        let (marker, properties) = delivered_log::marker();
+        let (read_back, reached) = oneshot::channel();
+        // Registered before the publish: the reading may find the marker before the confirm.
+        self.waiting
+            .lock()
+            .expect("barrier lock")
+            .insert(marker, read_back);
+        if let Err(e) = self.publish(properties).await {
+            self.waiting.lock().expect("barrier lock").remove(&marker);
+            return Err(e);
+        }
+        reached.await.map_err(|_| LogError::ConsumerEnded)
+    }
+
+    async fn publish(&self, properties: BasicProperties) -> Result<(), LogError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.log.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                b"",
+                properties,
+            )
+            .await?
+            .await?;
+        judge(confirm).map_err(LogError::Marker)
+    }
+
+    /// The reading applied a batch holding `markers`: their waiters may go on.
+    fn reached(&self, markers: &[Uuid]) {
+        let mut waiting = self.waiting.lock().expect("barrier lock");
+        for marker in markers {
+            if let Some(read_back) = waiting.remove(marker) {
+                let _ = read_back.send(());
+            }
+        }
+    }
+
+    /// The reading ended: nobody waits for a marker that will not be read here.
+    fn abandon(&self) {
+        self.waiting.lock().expect("barrier lock").clear();
+    }
 }
 
 /// Where a new reading of the log starts: after the last entry applied, or at the beginning.
@@ -85,8 +154,7 @@ fn offset_of(properties: &BasicProperties) -> Option<u64> {
 }
 
 impl Tailer {
-    /// Subscribes to `log` from the store's kept offset and publishes this session's marker.
-    /// `alive` ends with the session.
+    /// Subscribes to `log` from the store's kept offset. `alive` ends with the session.
     pub async fn start(
         connection: &Connection,
         log: &str,
@@ -113,46 +181,41 @@ impl Tailer {
                 args,
             )
             .await?;
-        // After the subscription: the marker is the last entry this reading must reach.
-        let (marker, properties) = delivered_log::marker();
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                log.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                b"",
-                properties,
-            )
-            .await?
-            .await?;
-        judge(confirm).map_err(LogError::Marker)?;
-        let (caught_up_tx, caught_up) = watch::channel(false);
+        let barrier = Barrier {
+            channel: channel.clone(),
+            log: log.to_owned(),
+            waiting: Arc::default(),
+        };
         let reading = Reading {
             channel,
             store,
             key,
             metrics,
-            marker,
-            caught_up: caught_up_tx,
+            barrier: barrier.clone(),
         };
         let task = tokio::spawn(reading.run(consumer, alive));
-        Ok(Tailer { task, caught_up })
+        Ok(Tailer { task, barrier })
     }
 
-    /// Returns once everything published to the log before this session's marker is in the
-    /// store; the tailer's error if it stopped first.
+    /// Returns once everything published to the log before this call is in the store (the
+    /// session's catch-up: its marker is published after the subscription); the tailer's error
+    /// if it stopped first.
     pub async fn caught_up(&mut self) -> Result<(), LogError> {
-        loop {
-            if *self.caught_up.borrow_and_update() {
-                return Ok(());
-            }
-            if self.caught_up.changed().await.is_err() {
-                return Err(self.failed().await);
-            }
+        let barrier = self.barrier.clone();
+        tokio::select! {
+            passed = barrier.pass() => match passed {
+                Ok(()) => Ok(()),
+                // The reading ended: its own error says why.
+                Err(LogError::ConsumerEnded) => Err(self.failed().await),
+                Err(e) => Err(e),
+            },
+            failed = self.failed() => Err(failed),
         }
+    }
+
+    /// Read-backs of this tailer's log, for partitions taken over during the session.
+    pub fn barrier(&self) -> Barrier {
+        self.barrier.clone()
     }
 
     /// Waits until the tailer fails; never returns while it reads.
@@ -170,8 +233,7 @@ struct Reading {
     store: Store,
     key: TrailKey,
     metrics: Arc<Metrics>,
-    marker: Uuid,
-    caught_up: watch::Sender<bool>,
+    barrier: Barrier,
 }
 
 impl Reading {
@@ -194,6 +256,7 @@ impl Reading {
                 break Err(e);
             }
         };
+        self.barrier.abandon();
         let _ = self.channel.close(200, "log tailer stopped".into()).await;
         ended
     }
@@ -207,13 +270,13 @@ impl Reading {
         let mut last_tag = None;
         let mut last_offset = None;
         let mut records: Vec<(Uuid, Delivered)> = Vec::new();
-        let mut found_marker = false;
+        let mut markers = Vec::new();
         for delivery in batch {
             let delivery = delivery?;
             last_tag = Some(delivery.delivery_tag);
             last_offset = offset_of(&delivery.properties).or(last_offset);
             match delivered_log::decode(&delivery.properties, &delivery.data, &self.key) {
-                Ok(Entry::Marker(id)) => found_marker |= id == self.marker,
+                Ok(Entry::Marker(id)) => markers.push(id),
                 Ok(Entry::Delivered { id, record }) => records.push((id, record)),
                 Err(why) => {
                     self.metrics.log_records_rejected.inc();
@@ -246,9 +309,8 @@ impl Reading {
                 .basic_ack(tag, BasicAckOptions { multiple: true })
                 .await?;
         }
-        if found_marker {
-            self.caught_up.send_replace(true);
-        }
+        // After the batch is durable: every entry before each of its markers is in the store.
+        self.barrier.reached(&markers);
         Ok(())
     }
 }

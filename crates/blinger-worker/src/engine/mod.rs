@@ -14,6 +14,7 @@ pub mod decide;
 pub mod dispatch;
 pub mod fair;
 pub mod order;
+pub mod ownership;
 pub mod partition;
 pub mod pause;
 pub mod pipeline;

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub log_records_rejected: IntCounter,
     pub log_publish_failed: IntCounter,
     pub log_caught_up: IntGauge,
+    pub partition_fence: Histogram,
 }
 
 impl Metrics {
@@ -242,6 +243,24 @@ impl Metrics {
                 "0 while a partitioned worker reads the delivered-records log up to its end, before \
                  it consumes any partition; 1 otherwise.",
             ),
+            partition_fence: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "blinger_worker_partition_fence_seconds",
+                        "Time from a partition's first delivery in a session (the broker made this \
+                         replica its consumer) until its jobs may go to Blinger: the read-back of \
+                         the delivered-records log (partitioned mode).",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
             registry,
         };
         #[cfg(target_os = "linux")]

@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::blinger::Client;
 use crate::blinger::client::ClientError;
@@ -30,6 +31,7 @@ use crate::broker::{AmqpError, Session, Topology};
 use crate::config::{ConfigError, RunSettings, Secret, TokenSource, redact_url};
 use crate::contract::trail::{TrailKey, TrailKeyError};
 use crate::engine::dispatch::Dispatcher;
+use crate::engine::ownership::{Admit, Gates};
 use crate::engine::pipeline::{Parts, Pipeline, SessionLink};
 use crate::engine::ratelimit::Limiter;
 use crate::engine::retry::{Backoff, RetryPolicy};
@@ -500,6 +502,12 @@ async fn consume(
         },
     };
     let mut deliveries = futures_util::stream::select_all(consumers);
+    // Partitioned mode: a partition's first delivery waits for a read-back of the log (see
+    // `engine::ownership`). A gate holds all of its channel's deliveries, unregistered, so no
+    // `multiple` ack of that channel can cover a held tag.
+    let barrier = tailer.as_ref().map(Tailer::barrier);
+    let mut gates = Gates::new(sources.len(), barrier.is_some());
+    let mut barriers = FuturesUnordered::new();
     let outboxes = || sources.iter().map(|s| s.outbox.clone()).collect();
     health.set_amqp_connected(true);
     let mut check = tokio::time::interval(Duration::from_secs(1));
@@ -520,10 +528,17 @@ async fn consume(
                 }
                 // Deliveries already sent before the cancel still arrive: take them too, so the
                 // grace period applies to everything this worker holds.
+                // A partition still behind its barrier keeps its deliveries back: the channel's
+                // close hands them to the next consumer, in order.
                 while let Ok(Some((i, Ok(delivery)))) =
                     tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await
                 {
-                    dispatcher.submit(delivery, &sources[i].link);
+                    if gates.is_open(i) {
+                        dispatcher.submit(delivery, &sources[i].link);
+                    }
+                }
+                if gates.closed() > 0 {
+                    info!(partitions = gates.closed(), "partitions taken over during shutdown handed back unsent");
                 }
                 break Ended::Shutdown {
                     alive: alive.clone(),
@@ -531,9 +546,30 @@ async fn consume(
                 };
             }
             delivery = deliveries.next() => match delivery {
-                Some((i, Ok(delivery))) => dispatcher.submit(delivery, &sources[i].link),
+                Some((i, Ok(delivery))) => match gates.deliver(i, delivery) {
+                    Admit::Submit(delivery) => dispatcher.submit(delivery, &sources[i].link),
+                    Admit::Held => {}
+                    Admit::Activated => {
+                        let barrier = barrier.clone().expect("gates are guarded only with a log");
+                        let began = tokio::time::Instant::now();
+                        barriers.push(async move { (i, barrier.pass().await, began) });
+                    }
+                },
                 Some((_, Err(e))) => break Ended::Lost(e.to_string()),
                 None => break Ended::Lost("consumer closed".into()),
+            },
+            Some((i, passed, began)) = barriers.next(), if !barriers.is_empty() => match passed {
+                Ok(()) => {
+                    metrics.partition_fence.observe(began.elapsed().as_secs_f64());
+                    debug!(queue = %sources[i].queue, took = ?began.elapsed(), "partition taken: the log is read back");
+                    for delivery in gates.passed(i) {
+                        dispatcher.submit(delivery, &sources[i].link);
+                    }
+                }
+                Err(e) => break Ended::Lost(format!(
+                    "reading the delivered-records log back for {}: {e}",
+                    sources[i].queue
+                )),
             },
             failed = async { router.as_mut().expect("guarded").failed().await }, if router.is_some() => {
                 break Ended::Lost(failed.to_string());
