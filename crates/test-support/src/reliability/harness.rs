@@ -211,11 +211,19 @@ impl World {
         amqp::delete_all(self.publisher.connection(), &[queue.to_owned()], &[]).await;
     }
 
-    /// Ready messages in the work queue and every delay tier.
+    /// Ready messages in the work queue and every delay tier, and in partitioned mode in the
+    /// router's input, the unrouted queue and every partition.
     pub async fn backlog(&self) -> u32 {
-        let mut total = self.ready(&self.names.queue).await.unwrap_or(0);
-        for q in self.tier_queues() {
-            total += self.ready(&q).await.unwrap_or(0);
+        let topology = self.topology();
+        let mut queues = vec![self.names.queue.clone()];
+        queues.extend(topology.tiers.iter().cloned());
+        if let Some(p) = &topology.partitioned {
+            queues.extend([p.input.clone(), p.unrouted.clone()]);
+            queues.extend(p.queues.iter().cloned());
+        }
+        let mut total = 0;
+        for q in &queues {
+            total += self.ready(q).await.unwrap_or(0);
         }
         total
     }

@@ -1,4 +1,4 @@
-//! The ten scenarios of issue 3, the three of issue 11 (11 to 13), and what they share: following delivery progress, and
+//! The ten scenarios of issue 3, the three of issue 11 (11 to 13), the first of issue 14 (14), and what they share: following delivery progress, and
 //! concluding a run (dead-letter queue, store, analysis).
 
 /// Calls `$then!` with every scenario's name, in the order the full profile runs them. The one
@@ -20,7 +20,8 @@ macro_rules! for_each_scenario {
             shutdown,
             probe_expiry,
             forbidden_conversation,
-            huge_conversation
+            huge_conversation,
+            replicas
         );
     };
 }
