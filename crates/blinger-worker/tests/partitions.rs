@@ -506,3 +506,72 @@ fn signal(pid: &str, signal: &str) {
         .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
 }
+
+/// A replica that stops (a scale-down, a rollout) hands its partitions over in order: the next
+/// replica gets a partition only after the jobs this one held went back to the queue, ahead of
+/// the rest. (Cancelling the consumer instead made the broker activate the next replica at once,
+/// which sent later jobs while the earlier ones were still held here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_hands_its_partitions_over_in_order() {
+    let env = TestEnv::new("handover").await;
+    // One job at a time per conversation, 200 ms each: the first replica holds most of its
+    // prefetch in the lanes when it stops, and its grace lets it finish only a few.
+    env.sandbox.update(|c| c.latency_ms = 200);
+    let shared = [
+        "--partitions",
+        "1",
+        "--trail-key",
+        "one-key-for-every-replica",
+        "--partition-prefetch",
+        "20",
+        "--shutdown-grace",
+        "1s",
+    ];
+    let first = env.start_worker(&shared).await;
+    let second_dir = tempfile::tempdir().unwrap();
+    let dir = second_dir.path().display().to_string();
+    let mut published = BTreeMap::<String, Vec<String>>::new();
+    for i in 0..40 {
+        let conversation = format!("c-handover-{}", i % 2);
+        let job = text_job(&conversation, &i.to_string());
+        published
+            .entry(conversation)
+            .or_default()
+            .push(job["id"].as_str().unwrap().to_owned());
+        env.publish(&job).await;
+    }
+    assert!(
+        eventually(T, || first.delivered_total() >= 2).await,
+        "the first replica delivers"
+    );
+    let second = env
+        .start_worker(&[&shared[..], &["--data-dir", &dir]].concat())
+        .await;
+    // The second replica is subscribed (it waits behind the first) before the first stops: it
+    // subscribes within milliseconds of reading the log to its end.
+    assert!(eventually(T, || second.health.not_ready_reason().is_none()).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.stop().await;
+    assert!(
+        eventually(T, || env.sandbox.requests().len() >= 40).await,
+        "all sent, got {}",
+        env.sandbox.requests().len()
+    );
+    let mut sent = BTreeMap::<String, Vec<String>>::new();
+    for r in env.sandbox.requests() {
+        let conversation = r.path.split('/').rev().nth(1).unwrap().to_owned();
+        let uuid = r.body["uuid"].as_str().unwrap().to_owned();
+        let ids = sent.entry(conversation).or_default();
+        // A job handed back after its call may be sent again (recognised by its uuid): order
+        // is that of first sends.
+        if !ids.contains(&uuid) {
+            ids.push(uuid);
+        }
+    }
+    assert_eq!(
+        sent, published,
+        "first sends in publish order per conversation"
+    );
+    second.stop().await;
+    env.cleanup().await;
+}

@@ -267,6 +267,9 @@ impl Worker {
                 }
             };
             let started = tokio::time::Instant::now();
+            // The session's consumers, kept until its channels are closed: dropping the last
+            // handle of a consumer sends `basic.cancel` (see `consume`).
+            let mut consumers = Vec::new();
             let ended = consume(
                 &settings,
                 &session,
@@ -275,6 +278,7 @@ impl Worker {
                 &metrics,
                 &health,
                 &shutdown,
+                &mut consumers,
             )
             .await;
             match ended {
@@ -284,6 +288,7 @@ impl Worker {
                     let delay = reconnect.next_delay();
                     warn!(%reason, retry_in = ?delay, "lost RabbitMQ; reconnecting (unacked jobs will be redelivered)");
                     session.close().await;
+                    drop(consumers);
                     // Also after a session that failed at once (basic.consume refused): never a
                     // connection storm against the broker.
                     tokio::select! {
@@ -311,6 +316,7 @@ impl Worker {
                     }
                     alive.cancel();
                     session.close().await;
+                    drop(consumers);
                     health.set_amqp_connected(false);
                     break;
                 }
@@ -411,7 +417,15 @@ fn sources(
 }
 
 /// Consumes one session until it is lost or shutdown is requested: the work queue, or in
-/// partitioned mode every partition queue plus the router.
+/// partitioned mode every partition queue plus the router. Every consumer it starts is also put
+/// into `kept`, for the caller to drop only after the session's channels are closed.
+///
+/// Why: a partition queue has a single active consumer, and `basic.cancel` of the active one
+/// (which lapin sends when the last handle of a consumer is dropped) activates the next consumer
+/// at once, while this one still holds jobs of the partition; the next one would then send later
+/// jobs before those handed back here. Closing the channel instead returns every job this
+/// consumer holds first, in order, and only then activates the next one.
+#[allow(clippy::too_many_arguments)]
 async fn consume(
     settings: &RunSettings,
     session: &Session,
@@ -420,6 +434,7 @@ async fn consume(
     metrics: &Arc<Metrics>,
     health: &Health,
     shutdown: &CancellationToken,
+    kept: &mut Vec<lapin::Consumer>,
 ) -> Ended {
     let alive = CancellationToken::new();
     let topology = pipeline.topology();
@@ -476,7 +491,10 @@ async fn consume(
             )
             .await
         {
-            Ok(consumer) => consumers.push(consumer.map(move |d| (i, d))),
+            Ok(consumer) => {
+                kept.push(consumer.clone());
+                consumers.push(consumer.map(move |d| (i, d)));
+            }
             Err(e) => {
                 alive.cancel();
                 return Ended::Lost(format!("basic.consume of {} failed: {e}", source.queue));
@@ -519,27 +537,25 @@ async fn consume(
                 if let Some(router) = router.take() {
                     router.stop().await;
                 }
-                for source in &sources {
-                    let _ = source
-                        .outbox
-                        .consume
-                        .basic_cancel(source.tag.as_str().into(), BasicCancelOptions::default())
-                        .await;
-                }
-                // Deliveries already sent before the cancel still arrive: take them too, so the
-                // grace period applies to everything this worker holds.
-                // A partition still behind its barrier keeps its deliveries back: the channel's
-                // close hands them to the next consumer, in order.
-                while let Ok(Some((i, Ok(delivery)))) =
-                    tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await
-                {
-                    if gates.is_open(i) {
+                if barrier.is_none() {
+                    for source in &sources {
+                        let _ = source
+                            .outbox
+                            .consume
+                            .basic_cancel(source.tag.as_str().into(), BasicCancelOptions::default())
+                            .await;
+                    }
+                    // Deliveries already sent before the cancel still arrive: take them too, so
+                    // the grace period applies to everything this worker holds.
+                    while let Ok(Some((i, Ok(delivery)))) =
+                        tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await
+                    {
                         dispatcher.submit(delivery, &sources[i].link);
                     }
                 }
-                if gates.closed() > 0 {
-                    info!(partitions = gates.closed(), "partitions taken over during shutdown handed back unsent");
-                }
+                // Partitioned mode: no `basic.cancel` (see above). The consumers stay until the
+                // channels close after the drain; what they receive meanwhile is not taken and
+                // goes back with the close, in order, before the next replica gets the partition.
                 break Ended::Shutdown {
                     alive: alive.clone(),
                     outboxes: outboxes(),

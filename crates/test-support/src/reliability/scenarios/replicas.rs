@@ -1,7 +1,8 @@
-//! Scenario 14, Replicas (issue 14, scenario (a), on one broker): three replicas of a partitioned
-//! deployment (16 partitions, one trail key) share a mixed load while a random one of them is
-//! killed (`kill -9`) every 1–2 s, six times, and started again at once, half the time with a
-//! fresh, empty data directory (its volume lost). Every job is accounted for from the sandbox's
+//! Scenario 14, Replicas (issue 14, scenarios (a) and (c), on one broker): a partitioned
+//! deployment (16 partitions, one trail key) delivers a mixed load while it is scaled from one
+//! replica to three, a random one of the three is killed (`kill -9`) every 1–2 s, six times, and
+//! started again at once, half the time with a fresh, empty data directory (its volume lost), and
+//! then scaled down to two (SIGTERM) while jobs still flow. Every job is accounted for from the sandbox's
 //! records; the delivered records come from a last replica started with an empty data directory
 //! after the others stopped, which reads them all from the delivered-records log.
 //!
@@ -45,11 +46,12 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let burst = 50;
     let mut f = Figures::new("14 replicas", ctx);
     f.setup = format!(
-        "{REPLICAS} replicas, {PARTITIONS} partitions, {n} jobs (4 kinds) over {conversations} \
+        "1 → {REPLICAS} replicas under load, then {REPLICAS} → {}, {PARTITIONS} partitions, {n} jobs (4 kinds) over {conversations} \
          conversations; {KILLS} × kill -9 of a random replica every 1–2 s, each started again at \
          once, half the time with an empty data directory; concurrency 64, prefetch 200, fair \
          share off, rate limit {rate}/s + burst {burst} per replica, sandbox latency 10–50 ms; \
-         one broker"
+         one broker",
+        REPLICAS - 1
     );
 
     let mut world = World::new(ctx, "replicas", "5s,30s,2m,10m,30m").await;
@@ -90,14 +92,10 @@ pub async fn run(ctx: &Ctx) -> Figures {
         Slot { proc, dir }
     };
 
-    let mut slots: Vec<Slot> = Vec::new();
+    let mut slots: Vec<Slot> = vec![start(&mut world, 0, None)];
     let mut missed_ready = 0;
-    for replica in 0..REPLICAS {
-        let mut slot = start(&mut world, replica, None);
-        if slot.proc.wait_ready(Duration::from_secs(60)).await.is_none() {
-            missed_ready += 1;
-        }
-        slots.push(slot);
+    if slots[0].proc.wait_ready(Duration::from_secs(60)).await.is_none() {
+        missed_ready += 1;
     }
     let mut publisher = world.new_publisher().await;
     let msgs = plan.messages();
@@ -111,12 +109,22 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let mut kills_at: Vec<SystemTime> = Vec::new();
     let mut to_ready: Vec<Duration> = Vec::new();
     let mut fresh_dirs = 0;
-    // Wait for the first deliveries: a kill before any is no test of a takeover.
+    // Scale up under load, once the first replica delivers.
     let began = Instant::now();
     while progress.accepted < 100 && began.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         progress.poll(&world.sandbox);
     }
+    let scale_up = Instant::now();
+    for replica in 1..REPLICAS {
+        slots.push(start(&mut world, replica, None));
+    }
+    for slot in &mut slots[1..] {
+        if slot.proc.wait_ready(Duration::from_secs(60)).await.is_none() {
+            missed_ready += 1;
+        }
+    }
+    let scale_up_ready = scale_up.elapsed();
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..2_000))).await;
         let victim = rng.random_range(0..REPLICAS);
@@ -134,6 +142,25 @@ pub async fn run(ctx: &Ctx) -> Figures {
             None => missed_ready += 1,
         }
     }
+    // Scale down while jobs still flow: the replica leaving hands back what it holds.
+    progress.poll(&world.sandbox);
+    let before_scale_down = progress.delivered(&expect);
+    // The replica holding the most jobs leaves (the broker may have given another one nothing).
+    let mut holding = Vec::with_capacity(slots.len());
+    for slot in &slots {
+        let held = slot
+            .proc
+            .metric("blinger_worker_jobs_in_flight", &[])
+            .await
+            .unwrap_or(0.0);
+        holding.push(held);
+    }
+    let busiest = (0..slots.len())
+        .max_by(|a, b| holding[*a].total_cmp(&holding[*b]))
+        .expect("three replicas");
+    let held_at_scale_down = holding[busiest];
+    let mut leaving = slots.remove(busiest);
+    let (scale_down_exit, scale_down_took) = leaving.proc.stop(Duration::from_secs(60)).await;
     let republished = publishing.await.expect("publisher task");
     let drained = progress
         .wait_all(
@@ -233,6 +260,19 @@ pub async fn run(ctx: &Ctx) -> Figures {
         mean_max(&to_ready)
     );
     f.detail("kills", KILLS);
+    f.detail(
+        "scale 1 → 3: the two new replicas ready after",
+        secs(scale_up_ready),
+    );
+    f.detail(
+        "scale 3 → 2: SIGTERM → exit",
+        format!(
+            "{} ({:?}), holding {held_at_scale_down} jobs, with {before_scale_down} of {} jobs accepted",
+            secs(scale_down_took),
+            scale_down_exit,
+            expect.total()
+        ),
+    );
     f.detail("restarts with an empty data directory", fresh_dirs);
     f.detail(
         "repeated calls charged to the stretch before each kill (resends + second calls)",
@@ -297,6 +337,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
             audit_ready.map_or("never".into(), secs)
         ),
     );
+    exits.push(scale_down_exit);
     exits.push(audit_exit);
     f.check_exits("every SIGTERM exits 0", &exits);
     finish(world, f, started).await
