@@ -160,13 +160,7 @@ async fn a_partitioned_worker_delivers_every_job_once_in_order() {
         "300 delivered, got {}",
         worker.delivered_total()
     );
-    let mut sent = BTreeMap::<String, Vec<String>>::new();
-    for r in env.sandbox.requests() {
-        let conversation = r.path.split('/').rev().nth(1).unwrap().to_owned();
-        sent.entry(conversation)
-            .or_default()
-            .push(r.body["uuid"].as_str().unwrap().to_owned());
-    }
+    let sent = sends_by_conversation(&env.sandbox);
     assert_eq!(
         sent, published,
         "sent once each, in publish order per conversation"
@@ -481,6 +475,18 @@ async fn a_partition_taken_over_is_not_sent_before_the_log_is_read_back() {
     env.cleanup().await;
 }
 
+/// The uuid of every text job the sandbox got, by conversation, in the order it got them.
+fn sends_by_conversation(sandbox: &blinger_sandbox::Sandbox) -> BTreeMap<String, Vec<String>> {
+    let mut sent = BTreeMap::<String, Vec<String>>::new();
+    for r in sandbox.requests() {
+        let conversation = r.path.split('/').rev().nth(1).unwrap().to_owned();
+        sent.entry(conversation)
+            .or_default()
+            .push(r.body["uuid"].as_str().unwrap().to_owned());
+    }
+    sent
+}
+
 /// A spawned replica, killed if the test ends before it stops.
 struct Child(Option<std::process::Child>);
 
@@ -526,6 +532,10 @@ async fn a_replica_that_stops_hands_its_partitions_over_in_order() {
         "20",
         "--shutdown-grace",
         "1s",
+        // No job goes round a delay tier: a chain does not move with its partition yet
+        // (docs/scale-out.md 7, step 5), and that is not what this test is about.
+        "--fair-share",
+        "0",
     ];
     let first = env.start_worker(&shared).await;
     let second_dir = tempfile::tempdir().unwrap();
@@ -557,16 +567,12 @@ async fn a_replica_that_stops_hands_its_partitions_over_in_order() {
         "all sent, got {}",
         env.sandbox.requests().len()
     );
-    let mut sent = BTreeMap::<String, Vec<String>>::new();
-    for r in env.sandbox.requests() {
-        let conversation = r.path.split('/').rev().nth(1).unwrap().to_owned();
-        let uuid = r.body["uuid"].as_str().unwrap().to_owned();
-        let ids = sent.entry(conversation).or_default();
-        // A job handed back after its call may be sent again (recognised by its uuid): order
-        // is that of first sends.
-        if !ids.contains(&uuid) {
-            ids.push(uuid);
-        }
+    // A job handed back after its call may be sent again (recognised by its uuid): order is
+    // that of first sends.
+    let mut sent = sends_by_conversation(&env.sandbox);
+    for ids in sent.values_mut() {
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| seen.insert(id.clone()));
     }
     assert_eq!(
         sent, published,

@@ -88,6 +88,40 @@ impl Figures {
         self.check(what, a.sent_once(), a.duplicates_text());
     }
 
+    /// What a run with `kill -9`s promises of each of its `n` jobs, and the duplicates line that
+    /// goes with it: none lost, every one accepted, none created twice (send-text/send-file, by
+    /// uuid), at most one second call of a keyless job per kill (`BLINGER_WORKER_KEYLESS_CONCURRENCY`
+    /// 1, the default).
+    pub fn check_kills_kept_every_job(&mut self, n: usize, a: &Analysis) {
+        self.duplicated = format!(
+            "{} created twice; {} text/file resends (recognised by uuid); {} request-review/assign-agent second calls, max {} per kill",
+            a.created_twice,
+            a.uuid_resends,
+            a.second_calls,
+            a.max_second_calls_per_kill()
+        );
+        self.check(
+            "no job lost",
+            a.lost.is_empty(),
+            format!("{} lost", a.lost.len()),
+        );
+        self.check(
+            "every job accepted",
+            a.delivered == n,
+            format!("{} of {n}", a.delivered),
+        );
+        self.check(
+            "no message created twice (send-text/send-file, by uuid)",
+            a.created_twice == 0,
+            a.created_twice,
+        );
+        self.check(
+            "request-review/assign-agent second calls ≤ 1 per kill (BLINGER_WORKER_KEYLESS_CONCURRENCY 1, the default)",
+            a.max_second_calls_per_kill() <= 1,
+            format!("max {} per kill", a.max_second_calls_per_kill()),
+        );
+    }
+
     pub fn check_no_dead_letters(&mut self, dead: &[DeadLetter]) {
         self.check("nothing dead-lettered", dead.is_empty(), dead_summary(dead));
     }

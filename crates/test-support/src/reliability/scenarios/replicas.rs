@@ -241,13 +241,6 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let peak = max_in_window(&records, Duration::from_secs(1));
 
     f.outcome(n, &out);
-    f.duplicated = format!(
-        "{} created twice; {} text/file resends (recognised by uuid); {} request-review/assign-agent second calls, max {} per kill",
-        a.created_twice,
-        a.uuid_resends,
-        a.second_calls,
-        a.max_second_calls_per_kill()
-    );
     f.dead_lettered = dead_summary(&out.dead);
     f.order = format!(
         "{} jobs sent after a later job of their conversation ({} across a kill)",
@@ -297,27 +290,8 @@ pub async fn run(ctx: &Ctx) -> Figures {
         audit_records,
     );
 
-    f.check(
-        "no job lost",
-        a.lost.is_empty(),
-        format!("{} lost", a.lost.len()),
-    );
-    f.check(
-        "every job accepted",
-        a.delivered == n,
-        format!("{} of {n}", a.delivered),
-    );
-    f.check(
-        "no message created twice (send-text/send-file, by uuid)",
-        a.created_twice == 0,
-        a.created_twice,
-    );
+    f.check_kills_kept_every_job(n, a);
     f.check_no_dead_letters(&out.dead);
-    f.check(
-        "request-review/assign-agent second calls ≤ 1 per kill (BLINGER_WORKER_KEYLESS_CONCURRENCY 1, the default)",
-        a.max_second_calls_per_kill() <= 1,
-        format!("max {} per kill", a.max_second_calls_per_kill()),
-    );
     f.check(
         "order kept per conversation across replicas",
         a.order_violations == 0,
