@@ -66,14 +66,18 @@ pub struct Tailer {
     barrier: Barrier,
 }
 
+/// Each marker published and not read back yet, with the one waiting for it.
+type Waiters = HashMap<Uuid, oneshot::Sender<()>>;
+
 /// Read-backs of the log: a marker published now, and a wait until the reading has applied it.
 /// Cheap to clone; every clone ends with the tailer's session.
 #[derive(Clone)]
 pub struct Barrier {
     channel: lapin::Channel,
     log: String,
-    /// Markers published and not yet read back, each with the one waiting for it.
-    waiting: Arc<Mutex<HashMap<Uuid, oneshot::Sender<()>>>>,
+    /// Markers published and not yet read back, each with the one waiting for it; `None` once
+    /// the reading has ended, so that no wait can begin that nothing would end.
+    waiting: Arc<Mutex<Option<Waiters>>>,
 }
 
 impl Barrier {
@@ -84,12 +88,14 @@ impl Barrier {
         let (marker, properties) = delivered_log::marker();
         let (read_back, reached) = oneshot::channel();
         // Registered before the publish: the reading may find the marker before the confirm.
-        self.waiting
-            .lock()
-            .expect("barrier lock")
-            .insert(marker, read_back);
+        match self.waiting.lock().expect("barrier lock").as_mut() {
+            Some(waiting) => waiting.insert(marker, read_back),
+            None => return Err(LogError::ConsumerEnded),
+        };
         if let Err(e) = self.publish(properties).await {
-            self.waiting.lock().expect("barrier lock").remove(&marker);
+            if let Some(waiting) = self.waiting.lock().expect("barrier lock").as_mut() {
+                waiting.remove(&marker);
+            }
             return Err(e);
         }
         reached.await.map_err(|_| LogError::ConsumerEnded)
@@ -116,6 +122,9 @@ impl Barrier {
     /// The reading applied a batch holding `markers`: their waiters may go on.
     fn reached(&self, markers: &[Uuid]) {
         let mut waiting = self.waiting.lock().expect("barrier lock");
+        let Some(waiting) = waiting.as_mut() else {
+            return;
+        };
         for marker in markers {
             if let Some(read_back) = waiting.remove(marker) {
                 let _ = read_back.send(());
@@ -123,9 +132,9 @@ impl Barrier {
         }
     }
 
-    /// The reading ended: nobody waits for a marker that will not be read here.
+    /// The reading ended: every wait ends with an error, and no new one begins.
     fn abandon(&self) {
-        self.waiting.lock().expect("barrier lock").clear();
+        *self.waiting.lock().expect("barrier lock") = None;
     }
 }
 
@@ -184,7 +193,7 @@ impl Tailer {
         let barrier = Barrier {
             channel: channel.clone(),
             log: log.to_owned(),
-            waiting: Arc::default(),
+            waiting: Arc::new(Mutex::new(Some(HashMap::new()))),
         };
         let reading = Reading {
             channel,

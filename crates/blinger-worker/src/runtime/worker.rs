@@ -537,7 +537,7 @@ async fn consume(
                 if let Some(router) = router.take() {
                     router.stop().await;
                 }
-                if barrier.is_none() {
+                if topology.partitioned.is_none() {
                     for source in &sources {
                         let _ = source
                             .outbox
