@@ -34,11 +34,7 @@ async fn the_router_puts_each_job_in_its_conversations_partition_in_order() {
     for round in 0..5 {
         for c in &conversations {
             let job = text_job(c, &format!("{round}"));
-            published
-                .entry(c.clone())
-                .or_default()
-                .push(job["id"].as_str().unwrap().to_owned());
-            env.publish(&job).await;
+            publish_noted(&env, &mut published, &job).await;
         }
     }
     // A hostile publisher's properties: CC into another partition, a priority, a forged trail.
@@ -146,13 +142,8 @@ async fn a_partitioned_worker_delivers_every_job_once_in_order() {
     let mut published = BTreeMap::<String, Vec<String>>::new();
     for round in 0..10 {
         for c in 0..30 {
-            let conversation = format!("c-{c}");
-            let job = text_job(&conversation, &format!("{round}"));
-            published
-                .entry(conversation)
-                .or_default()
-                .push(job["id"].as_str().unwrap().to_owned());
-            env.publish(&job).await;
+            let job = text_job(&format!("c-{c}"), &format!("{round}"));
+            publish_noted(&env, &mut published, &job).await;
         }
     }
     assert!(
@@ -475,6 +466,19 @@ async fn a_partition_taken_over_is_not_sent_before_the_log_is_read_back() {
     env.cleanup().await;
 }
 
+/// Publishes `job` and notes its id under its conversation, in publish order.
+async fn publish_noted(
+    env: &TestEnv,
+    published: &mut BTreeMap<String, Vec<String>>,
+    job: &serde_json::Value,
+) {
+    published
+        .entry(job["conversation_id"].as_str().unwrap().to_owned())
+        .or_default()
+        .push(job["id"].as_str().unwrap().to_owned());
+    env.publish(job).await;
+}
+
 /// The uuid of every text job the sandbox got, by conversation, in the order it got them.
 fn sends_by_conversation(sandbox: &blinger_sandbox::Sandbox) -> BTreeMap<String, Vec<String>> {
     let mut sent = BTreeMap::<String, Vec<String>>::new();
@@ -542,13 +546,8 @@ async fn a_replica_that_stops_hands_its_partitions_over_in_order() {
     let dir = second_dir.path().display().to_string();
     let mut published = BTreeMap::<String, Vec<String>>::new();
     for i in 0..40 {
-        let conversation = format!("c-handover-{}", i % 2);
-        let job = text_job(&conversation, &i.to_string());
-        published
-            .entry(conversation)
-            .or_default()
-            .push(job["id"].as_str().unwrap().to_owned());
-        env.publish(&job).await;
+        let job = text_job(&format!("c-handover-{}", i % 2), &i.to_string());
+        publish_noted(&env, &mut published, &job).await;
     }
     assert!(
         eventually(T, || first.delivered_total() >= 2).await,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Expect, Progress, conclude, dead_summary, finish, max_in_window, mean_max};
+use super::{Expect, Progress, conclude, finish, max_in_window, mean_max};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, WorkerProc, free_port, secs};
 use crate::reliability::jobs::Plan;
@@ -241,7 +241,6 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let peak = max_in_window(&records, Duration::from_secs(1));
 
     f.outcome(n, &out);
-    f.dead_lettered = dead_summary(&out.dead);
     f.order = format!(
         "{} jobs sent after a later job of their conversation ({} across a kill)",
         a.order_violations, a.order_violations_across_restart
