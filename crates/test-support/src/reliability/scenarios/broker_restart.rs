@@ -123,7 +123,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
             Duration::from_secs(ctx.pick(120, 600)),
         )
         .await;
-    wait_settled(&world, &worker, Duration::from_secs(60)).await;
+    wait_settled(&world, &[&worker], Duration::from_secs(60)).await;
     watching.store(false, Ordering::SeqCst);
     let _ = watcher.await;
     let ready_after = worker.readyz().await;

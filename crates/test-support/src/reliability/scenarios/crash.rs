@@ -88,7 +88,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let drained = progress
         .wait_all(&world.sandbox, &expect, drain_timeout)
         .await;
-    wait_settled(&world, &worker, Duration::from_secs(60)).await;
+    wait_settled(&world, &[&worker], Duration::from_secs(60)).await;
     let (exit, stop_took) = worker.stop(Duration::from_secs(60)).await;
     let out = conclude(&world, &plan, &boundaries).await;
     let a = &out.analysis;

@@ -159,16 +159,25 @@ impl Progress {
     }
 }
 
-/// Waits until `worker` holds nothing and the work queue and tiers have nothing ready, on two
-/// samples 200 ms apart (or `timeout` passes). [`Progress::done`] counts request-review jobs by
-/// accepted calls, and a kill repeats some of those calls: the count can be reached while one
-/// review job is still queued, and stopping the worker then would leave it undelivered.
-pub async fn wait_settled(world: &World, worker: &super::harness::WorkerProc, timeout: Duration) {
+/// Waits until no one of `workers` holds a job and the work queue and tiers (and in partitioned
+/// mode the router input and the partitions) have nothing ready, on two samples 200 ms apart (or
+/// `timeout` passes). [`Progress::done`] counts request-review jobs by accepted calls, and a kill
+/// repeats some of those calls: the count can be reached while one review job is still queued,
+/// and stopping the worker then would leave it undelivered.
+pub async fn wait_settled(
+    world: &World,
+    workers: &[&super::harness::WorkerProc],
+    timeout: Duration,
+) {
     let started = Instant::now();
     let mut quiet = 0;
     while quiet < 2 && started.elapsed() < timeout {
-        let in_flight = worker.metric("blinger_worker_jobs_in_flight", &[]).await;
-        let settled = in_flight == Some(0.0) && world.backlog().await == 0;
+        let mut holding = false;
+        for worker in workers {
+            let in_flight = worker.metric("blinger_worker_jobs_in_flight", &[]).await;
+            holding |= in_flight != Some(0.0);
+        }
+        let settled = !holding && world.backlog().await == 0;
         quiet = if settled { quiet + 1 } else { 0 };
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

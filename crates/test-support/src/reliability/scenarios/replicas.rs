@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Expect, Progress, conclude, finish, max_in_window, mean_max};
+use super::{Expect, Progress, conclude, finish, max_in_window, mean_max, wait_settled};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, WorkerProc, free_port, secs};
 use crate::reliability::jobs::Plan;
@@ -169,26 +169,8 @@ pub async fn run(ctx: &Ctx) -> Figures {
             Duration::from_secs(ctx.pick(240, 900)),
         )
         .await;
-    // Request-review jobs are counted by accepted calls, which kills repeat: wait until no
-    // replica holds a job and nothing is ready anywhere, twice in a row.
-    let settle = Instant::now();
-    let mut quiet = 0;
-    while quiet < 2 && settle.elapsed() < Duration::from_secs(60) {
-        let mut holding = 0.0;
-        for slot in &slots {
-            holding += slot
-                .proc
-                .metric("blinger_worker_jobs_in_flight", &[])
-                .await
-                .unwrap_or(1.0);
-        }
-        quiet = if holding == 0.0 && world.backlog().await == 0 {
-            quiet + 1
-        } else {
-            0
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let replicas: Vec<&WorkerProc> = slots.iter().map(|slot| &slot.proc).collect();
+    wait_settled(&world, &replicas, Duration::from_secs(60)).await;
     // All at once, as a rollout would: each hands back what it holds to the others.
     let mut exits = Vec::new();
     for slot in &slots {
