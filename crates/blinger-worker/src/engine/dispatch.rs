@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use crate::contract::job;
 use crate::contract::trail::{Found, Trail};
-use crate::engine::fair::{Admit, FairShare, Held};
+use crate::engine::fair::{Admit, FairShare, Held, Member, Yield, who_yields};
 use crate::engine::pipeline::{Pipeline, SessionLink, Work};
 use crate::runtime::telemetry::kind_label;
 use crate::store::now_ms;
@@ -207,28 +207,80 @@ impl Dispatcher {
         count.keyless += usize::from(keyless);
         let per_job = Duration::from_micros(self.job_micros.load(Ordering::Relaxed));
         // Not while paused: nothing flows then, and deferred jobs would only go round.
-        if self.fair.admit(held, keyless) == Admit::Defer
-            && !self.pipeline.is_paused()
-            && let Some(tier) = self.pipeline.defer(&work, held.conversation, per_job)
-        {
-            drop(lanes);
-            let this = self.clone();
-            self.tasks.spawn(async move {
-                if this.pipeline.park_deferred(&work, tier).await {
-                    let mut lanes = this.lanes.lock().expect("lanes lock");
-                    let count = lanes.group(group);
-                    count.total -= 1;
-                    count.keyless -= usize::from(keyless);
-                } else {
-                    // Not sent round: it waits in its lane after all (still in the chain, so
-                    // nothing younger overtook it).
-                    this.enqueue(conversation, work);
+        if self.fair.admit(held, keyless) == Admit::Defer && !self.pipeline.is_paused() {
+            // The conversation's youngest job not yet started leaves: the arriving one, or the
+            // youngest waiting in its lane, whose place the arriving one takes.
+            let (work, keyless) = match lanes.lanes.get_mut(&conversation) {
+                Some(lane)
+                    if who_yields(
+                        Member {
+                            seq: work.seq,
+                            keyless,
+                        },
+                        lane.waiting.back().map(|w| Member {
+                            seq: w.seq,
+                            keyless: is_keyless(w),
+                        }),
+                    ) == Yield::Youngest =>
+                {
+                    let youngest = lane.waiting.pop_back().expect("a youngest job waits");
+                    let at = lane
+                        .waiting
+                        .iter()
+                        .position(|w| w.seq > work.seq)
+                        .unwrap_or(lane.waiting.len());
+                    lane.waiting.insert(at, work);
+                    (youngest, keyless)
                 }
-            });
+                _ => (work, keyless),
+            };
+            self.defer(
+                lanes,
+                group,
+                conversation,
+                work,
+                keyless,
+                held.conversation,
+                per_job,
+            );
             return;
         }
         drop(lanes);
         self.enqueue(conversation, work);
+    }
+
+    /// Sends `work` round a tier (see [`crate::engine::fair`]); it counts as held until acked.
+    /// If it cannot be, it waits in its lane after all.
+    #[allow(clippy::too_many_arguments)]
+    fn defer(
+        self: &Arc<Self>,
+        lanes: std::sync::MutexGuard<'_, Lanes>,
+        group: u16,
+        conversation: String,
+        work: Work,
+        keyless: bool,
+        waiting: usize,
+        per_job: Duration,
+    ) {
+        let Some(tier) = self.pipeline.defer(&work, waiting, per_job) else {
+            drop(lanes);
+            self.enqueue(conversation, work);
+            return;
+        };
+        drop(lanes);
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            if this.pipeline.park_deferred(&work, tier).await {
+                let mut lanes = this.lanes.lock().expect("lanes lock");
+                let count = lanes.group(group);
+                count.total -= 1;
+                count.keyless -= usize::from(keyless);
+            } else {
+                // Not sent round: it waits in its lane after all (still in the chain, so
+                // nothing younger overtook it).
+                this.enqueue(conversation, work);
+            }
+        });
     }
 
     /// Puts a job into its conversation's lane, in sequence order, starting the lane if idle.

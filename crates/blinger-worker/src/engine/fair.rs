@@ -6,14 +6,16 @@
 //! queued jobs, or a burst of request-review jobs behind `BLINGER_WORKER_KEYLESS_CONCURRENCY=1`,
 //! would fill the prefetch, and no other conversation's job would arrive until it drained.
 //!
-//! The rule (`BLINGER_WORKER_FAIR_SHARE` = `share`, 50 by default, off when 0), decided when a delivery arrives
-//! (so the arriving job is its conversation's youngest): once the worker holds
-//! `prefetch − share` deliveries or more, a job whose conversation already holds `share` of
-//! them — or a keyless job while the keyless kinds hold `share` — is *deferred*: sent round a
-//! delay tier that keeps it behind its conversation's chain ([`crate::engine::order`]), and acked. The
-//! jobs of its conversation already waiting are older and go first; younger ones follow it. So
-//! other conversations always have at least `share` of the prefetch, and a conversation alone on
-//! the worker is not slowed until the worker is nearly full. Nothing is deferred while the
+//! The rule (`BLINGER_WORKER_FAIR_SHARE` = `share`, 50 by default, off when 0), decided when a
+//! delivery arrives: once the worker holds `prefetch − share` deliveries or more, a job arriving
+//! for a conversation that already holds `share` of them — or a keyless job while the keyless
+//! kinds hold `share` — makes the conversation give one up: its youngest job not yet started
+//! ([`who_yields`]) is *deferred*: sent round a delay tier that keeps it behind its
+//! conversation's chain ([`crate::engine::order`]), and acked. That is the arriving job, unless it
+//! comes back from a tier older than jobs waiting in its lane: then it takes the youngest one's
+//! place. The jobs kept are older and go first; younger ones follow the deferred one. So other
+//! conversations always have at least `share` of the prefetch, and a conversation alone on the
+//! worker is not slowed until the worker is nearly full. Nothing is deferred while the
 //! worker is paused (nothing flows then), or with a prefetch below [`MIN_PREFETCH`].
 //!
 //! Deferral puts jobs in the tiers in normal operation, not only after Blinger failures, so the
@@ -92,6 +94,40 @@ impl FairShare {
     }
 }
 
+/// A job of a conversation: its chain sequence, and whether it is of a keyless kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    pub seq: u64,
+    pub keyless: bool,
+}
+
+/// Which job leaves when [`FairShare::admit`] says [`Admit::Defer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Yield {
+    /// The arriving job goes round a tier.
+    Arriving,
+    /// The arriving job takes the place of the youngest job waiting in its lane, which goes
+    /// round a tier instead.
+    Youngest,
+}
+
+/// Which of its jobs a conversation over its share gives up: always its youngest not yet
+/// started. An arriving job is not always the youngest: a deferred job coming back from its
+/// tier is older than the jobs its conversation took in meanwhile, and those cannot be sent
+/// before it. Deferring it again would make all of them follow it round the tier (each one a
+/// republish, in turn), and a conversation with a long backlog would go round and round while
+/// its lane sends almost nothing (one of 1,000 jobs a second, measured). The swap changes no
+/// count: the youngest waiting job is taken only if it is of the same class (keyless or not)
+/// as the arriving one.
+pub fn who_yields(arriving: Member, youngest_waiting: Option<Member>) -> Yield {
+    match youngest_waiting {
+        Some(youngest) if youngest.seq > arriving.seq && youngest.keyless == arriving.keyless => {
+            Yield::Youngest
+        }
+        _ => Yield::Arriving,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +187,53 @@ mod tests {
         assert_eq!(FairShare::new(8, 2).admit(full, true), Admit::Defer);
         assert_eq!(FairShare::new(200, 0).admit(full, true), Admit::Lane, "off");
         assert_eq!(FairShare::new(200, 150).share(), 100, "at most half");
+    }
+
+    #[test]
+    fn the_conversations_youngest_job_yields() {
+        let m = |seq, keyless| Member { seq, keyless };
+        assert_eq!(who_yields(m(5, false), None), Yield::Arriving);
+        assert_eq!(who_yields(m(5, false), Some(m(9, false))), Yield::Youngest);
+        assert_eq!(who_yields(m(9, false), Some(m(5, false))), Yield::Arriving);
+        // Another class: swapping would change the keyless count.
+        assert_eq!(who_yields(m(5, true), Some(m(9, false))), Yield::Arriving);
+        assert_eq!(who_yields(m(5, true), Some(m(9, true))), Yield::Youngest);
+    }
+
+    proptest! {
+        /// A lane over its share that keeps its waiting jobs in sequence order and lets
+        /// [`who_yields`] pick the job to defer: whatever comes back from the tiers, in whatever
+        /// order, it keeps the oldest jobs it has seen, so its head is never a job that has to
+        /// wait for one it sent away.
+        #[test]
+        fn a_lane_over_its_share_keeps_its_oldest_jobs(
+            arrivals in proptest::collection::vec(0u64..1000, 1..300),
+            keyless in any::<bool>(),
+            capacity in 1usize..20,
+        ) {
+            let mut waiting: Vec<Member> = Vec::new();
+            let mut deferred: Vec<Member> = Vec::new();
+            for seq in arrivals {
+                let arriving = Member { seq, keyless };
+                if waiting.len() < capacity {
+                    waiting.push(arriving);
+                } else {
+                    match who_yields(arriving, waiting.last().copied()) {
+                        Yield::Arriving => deferred.push(arriving),
+                        Yield::Youngest => {
+                            deferred.push(waiting.pop().expect("over its share"));
+                            waiting.push(arriving);
+                        }
+                    }
+                }
+                waiting.sort_by_key(|m| m.seq);
+                prop_assert!(waiting.len() <= capacity);
+                let youngest = waiting.last().expect("one at least").seq;
+                for d in &deferred {
+                    prop_assert!(d.seq >= youngest, "deferred {} while keeping {:?}", d.seq, waiting);
+                }
+            }
+        }
     }
 
     proptest! {

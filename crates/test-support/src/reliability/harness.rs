@@ -149,7 +149,11 @@ impl World {
             "BLINGER_WORKER_METRICS_ADDR",
             format!("127.0.0.1:{}", self.metrics_port),
         );
-        set("BLINGER_WORKER_LOG_LEVEL", "info".to_owned());
+        // RELIABILITY_WORKER_LOG (e.g. `blinger_worker=debug`) to see what a worker did.
+        set(
+            "BLINGER_WORKER_LOG_LEVEL",
+            std::env::var("RELIABILITY_WORKER_LOG").unwrap_or_else(|_| "info".to_owned()),
+        );
         env
     }
 
