@@ -10,9 +10,9 @@
 //!
 //! What waits in a lane is unacked and counts against the prefetch (in partitioned mode, its
 //! partition consumer's prefetch: the counts are kept per [`SessionLink::group`]): a job arriving for a
-//! conversation (or of a keyless kind) that holds its share of the prefetch is deferred round a
-//! delay tier instead ([`crate::engine::fair`]), so one conversation cannot keep the others' jobs from
-//! arriving.
+//! conversation (or of a keyless kind) that holds its share of the prefetch makes it give up its
+//! youngest job not yet started, deferred round a delay tier ([`crate::engine::fair`]), so one
+//! conversation cannot keep the others' jobs from arriving.
 //!
 //! The worker's slots open in steps at start ([`Dispatcher::with_slow_start`]): a worker that
 //! starts on a backlog would otherwise begin `concurrency` calls at once, each opening a
