@@ -249,8 +249,10 @@ async fn deferred_jobs_keep_their_order_across_a_restart() {
     }
     let worker = env.start_worker(&flags).await;
     let total = u64::from(FIRST + LATER);
+    // The backlog goes round 10 s tiers: 52–62 s here, 102 s on 4.0.5 beside other tests in a
+    // full run (2026-12-07). The bound only ends a stuck run; order is checked below.
     assert!(
-        eventually(Duration::from_secs(150), || {
+        eventually(Duration::from_secs(240), || {
             accepted_texts(&env).get("big").map_or(0, Vec::len) as u64 == total
         })
         .await,
