@@ -18,7 +18,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let concurrency = 256;
     // Enough for every received job to finish: the worker finishes its lanes, not only the
     // calls in flight, and with ~300 received of n jobs over n/2 conversations the longest lane
-    // holds 4–6 jobs of 1–2 s each (exits after 5.3–8.3 s in 23 of 24 runs on 4.0.5 here, with both
+    // holds 4–6 jobs of 1–2 s each (exits after 5.3–8.3 s in 23 of 24 runs on 4.0.5 here, both
     // cores kept busy: too close to the short profile's old 10 s). 13 jobs in one lane would be
     // needed to overrun 25 s: about 1e-9 per run. A worker exits as soon as it is drained, so
     // this costs nothing.
