@@ -14,26 +14,30 @@ use crate::reliability::report::Figures;
 
 pub async fn run(ctx: &Ctx) -> Figures {
     let started = Instant::now();
-    let n = ctx.pick(800, 4_000);
+    // Round 1 must still have hundreds of calls open when the SIGTERM comes. With 800 jobs at
+    // 1–2 s a call, one run in 24 on 4.0.5 beside two busy loops failed: the poll below never
+    // saw 200 open, and the starved worker had finished all 800 before it gave up. Calls of
+    // 2–3 s keep more open at the same start rate, and 2,000 jobs outlast the poll.
+    let n = ctx.pick(2_000, 4_000);
     let concurrency = 256;
     // Enough for every received job to finish: the worker finishes its lanes, not only the
-    // calls in flight, and with ~300 received of n jobs over n/2 conversations the longest lane
-    // holds 4–6 jobs of 1–2 s each (exits after 5.3–8.3 s in 23 of 24 runs on 4.0.5 here, both
-    // cores kept busy: too close to the short profile's old 10 s). 13 jobs in one lane would be
-    // needed to overrun 25 s: about 1e-9 per run. A worker exits as soon as it is drained, so
-    // this costs nothing.
+    // calls in flight. With ~300 received of n jobs over n/2 conversations the longest lane
+    // holds 3–4 jobs of 2–3 s each; 9 jobs in one lane would be needed to overrun 25 s (about
+    // 1e-7 per run). With 1–2 s calls the worker exited after 5.3–8.3 s in 23 runs on 4.0.5
+    // under load, too close to the short profile's old 10 s. A worker exits as soon as it is
+    // drained, so a long grace costs nothing.
     let grace = 25;
     let mut f = Figures::new("10 shutdown under load", ctx);
     f.setup = format!(
         "{n} jobs per round over {} conversations, concurrency {concurrency} (keyless calls too), \
          prefetch 300, \
-         sandbox latency 1–2 s; round 1 SIGTERM with grace {grace} s, round 2 grace 1 s \
+         sandbox latency 2–3 s; round 1 SIGTERM with grace {grace} s, round 2 grace 1 s \
          (latency 3 s)",
         n / 2
     );
     let mut world = World::new(ctx, "shutdown", "1s,2s,4s").await;
     world.sandbox.update(|c| {
-        c.latency_ms = 1000;
+        c.latency_ms = 2000;
         c.latency_jitter_ms = 1000;
     });
     world.declare().await;
@@ -77,11 +81,14 @@ pub async fn run(ctx: &Ctx) -> Figures {
         worker.wait_ready(Duration::from_secs(60)).await;
         // Wait for hundreds in flight.
         let mut in_flight = 0.0;
-        for _ in 0..400 {
+        let mut peak = 0.0_f64;
+        let poll_until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < poll_until {
             in_flight = worker
                 .metric("blinger_worker_jobs_in_flight", &[])
                 .await
                 .unwrap_or(0.0);
+            peak = peak.max(in_flight);
             if in_flight >= 200.0 {
                 break;
             }
@@ -111,8 +118,8 @@ pub async fn run(ctx: &Ctx) -> Figures {
         let log = worker.log_text();
         let handed_back_warning = log.contains("handing the remaining jobs back");
         rounds.push(format!(
-            "round {}: {in_flight} in flight at SIGTERM; exit {:?} after {}; {} accepted during \
-             the grace; {queued} back in the queue{}",
+            "round {}: {in_flight} in flight at SIGTERM (peak seen {peak}); exit {:?} after {}; \
+             {} accepted during the grace; {queued} back in the queue{}",
             round + 1,
             exit.and_then(|s| s.code()),
             secs(took),
