@@ -116,7 +116,7 @@ pub enum Yield {
 /// tier is older than the jobs its conversation took in meanwhile, and those cannot be sent
 /// before it. Deferring it again would make all of them follow it round the tier (each one a
 /// republish, in turn), and a conversation with a long backlog would go round and round while
-/// its lane sends almost nothing (one of 1,000 jobs a second, measured). The swap changes no
+/// its lane sends almost nothing (about one job a second, seen in CI). The swap changes no
 /// count: the youngest waiting job is taken only if it is of the same class (keyless or not)
 /// as the arriving one.
 pub fn who_yields(arriving: Member, youngest_waiting: Option<Member>) -> Yield {

@@ -1050,7 +1050,7 @@ async fn until_expiry(job: &Job) {
 /// outbox, against the sandbox Blinger over HTTP and a real store. What the pipeline asks of the
 /// broker is the outbox's record; the integration tests run the same paths on RabbitMQ.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::num::NonZeroU32;
 
     use blinger_sandbox::{Sandbox, SandboxConfig};
@@ -1063,15 +1063,16 @@ mod tests {
 
     const TOKEN: &str = "unit-token";
 
-    struct World {
-        pipeline: Pipeline,
-        outbox: Arc<MemoryOutbox>,
-        session: Arc<SessionLink>,
-        sandbox: Sandbox,
+    /// A pipeline whose broker is a [`MemoryOutbox`] and whose Blinger is the sandbox.
+    pub(crate) struct World {
+        pub(crate) pipeline: Arc<Pipeline>,
+        pub(crate) outbox: Arc<MemoryOutbox>,
+        pub(crate) session: Arc<SessionLink>,
+        pub(crate) sandbox: Sandbox,
         _dir: tempfile::TempDir,
     }
 
-    async fn world() -> World {
+    pub(crate) async fn world() -> World {
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
@@ -1122,7 +1123,7 @@ mod tests {
             group: 0,
         });
         World {
-            pipeline,
+            pipeline: Arc::new(pipeline),
             outbox,
             session,
             sandbox,
@@ -1169,7 +1170,7 @@ mod tests {
         }
     }
 
-    fn text(conversation: &str) -> serde_json::Value {
+    pub(crate) fn text(conversation: &str) -> serde_json::Value {
         serde_json::json!({
             "kind": "send-text",
             "id": uuid::Uuid::new_v4().to_string(),
