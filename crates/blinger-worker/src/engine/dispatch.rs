@@ -80,6 +80,18 @@ struct Lane {
     group: u16,
 }
 
+impl Lane {
+    /// Puts `work` among the waiting jobs, in sequence order.
+    fn insert(&mut self, work: Work) {
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.seq > work.seq)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, work);
+    }
+}
+
 fn is_keyless(work: &Work) -> bool {
     work.job
         .as_ref()
@@ -224,12 +236,7 @@ impl Dispatcher {
                     ) == Yield::Youngest =>
                 {
                     let youngest = lane.waiting.pop_back().expect("a youngest job waits");
-                    let at = lane
-                        .waiting
-                        .iter()
-                        .position(|w| w.seq > work.seq)
-                        .unwrap_or(lane.waiting.len());
-                    lane.waiting.insert(at, work);
+                    lane.insert(work);
                     youngest
                 }
                 _ => work,
@@ -278,12 +285,7 @@ impl Dispatcher {
         {
             let mut lanes = self.lanes.lock().expect("lanes lock");
             if let Some(lane) = lanes.lanes.get_mut(&conversation) {
-                let at = lane
-                    .waiting
-                    .iter()
-                    .position(|w| w.seq > work.seq)
-                    .unwrap_or(lane.waiting.len());
-                lane.waiting.insert(at, work);
+                lane.insert(work);
                 lane.held += 1;
                 return;
             }
