@@ -10,8 +10,8 @@
 //!
 //! What waits in a lane is unacked and counts against the prefetch (in partitioned mode, its
 //! partition consumer's prefetch: the counts are kept per [`SessionLink::group`]): a job arriving for a
-//! conversation (or of a keyless kind) that holds its share of the prefetch makes it give up its
-//! youngest job not yet started, deferred round a delay tier ([`crate::engine::fair`]), so one
+//! conversation (or of a keyless kind) that holds its share of the prefetch makes it give up one
+//! job not yet started, deferred round a delay tier ([`crate::engine::fair`]), so one
 //! conversation cannot keep the others' jobs from arriving.
 //!
 //! The worker's slots open in steps at start ([`Dispatcher::with_slow_start`]): a worker that
@@ -220,8 +220,8 @@ impl Dispatcher {
         let per_job = Duration::from_micros(self.job_micros.load(Ordering::Relaxed));
         // Not while paused: nothing flows then, and deferred jobs would only go round.
         if self.fair.admit(held, keyless) == Admit::Defer && !self.pipeline.is_paused() {
-            // The conversation's youngest job not yet started leaves: the arriving one, or the
-            // youngest waiting in its lane, whose place the arriving one takes.
+            // One job of the conversation not yet started leaves: the arriving one, or the
+            // youngest waiting in its lane, whose place the arriving one takes (`who_yields`).
             let leaving = match lanes.lanes.get_mut(&conversation) {
                 Some(lane)
                     if who_yields(

@@ -9,11 +9,11 @@
 //! The rule (`BLINGER_WORKER_FAIR_SHARE` = `share`, 50 by default, off when 0), decided when a
 //! delivery arrives: once the worker holds `prefetch − share` deliveries or more, a job arriving
 //! for a conversation that already holds `share` of them — or a keyless job while the keyless
-//! kinds hold `share` — makes the conversation give one up: its youngest job not yet started
-//! ([`who_yields`]) is *deferred*: sent round a delay tier that keeps it behind its
-//! conversation's chain ([`crate::engine::order`]), and acked. That is the arriving job, unless it
-//! comes back from a tier older than jobs waiting in its lane: then it takes the youngest one's
-//! place. The jobs kept are older and go first; younger ones follow the deferred one. So other
+//! kinds hold `share` — makes the conversation give up one job not yet started ([`who_yields`]),
+//! which is *deferred*: sent round a delay tier that keeps it behind its conversation's chain
+//! ([`crate::engine::order`]), and acked. That is the arriving job, unless it comes back from a
+//! tier older than the youngest job waiting in its lane and of the same class (keyless or not):
+//! then it takes that one's place. The jobs kept are older and go first; younger ones follow the deferred one. So other
 //! conversations always have at least `share` of the prefetch, and a conversation alone on the
 //! worker is not slowed until the worker is nearly full. Nothing is deferred while the
 //! worker is paused (nothing flows then), or with a prefetch below [`MIN_PREFETCH`].
@@ -111,8 +111,9 @@ pub enum Yield {
     Youngest,
 }
 
-/// Which of its jobs a conversation over its share gives up: always its youngest not yet
-/// started. An arriving job is not always the youngest: a deferred job coming back from its
+/// Which of its jobs a conversation over its share gives up: the youngest waiting in its lane
+/// if that one is younger than the arriving job and of its class, else the arriving job. An
+/// arriving job is not always the youngest: a deferred job coming back from its
 /// tier is older than the jobs its conversation took in meanwhile, and those cannot be sent
 /// before it. Deferring it again would make all of them follow it round the tier (each one a
 /// republish, in turn), and a conversation with a long backlog would go round and round while
