@@ -345,10 +345,10 @@ fn world(rt: &tokio::runtime::Runtime, api: &str) -> World {
         client,
         token: TokenSource::Literal(Secret::new(TOKEN)),
         store,
-        limiter: Limiter::new(
+        limiter: std::sync::Arc::new(Limiter::new(
             NonZeroU32::new(1_000_000).unwrap(),
             NonZeroU32::new(100_000).unwrap(),
-        ),
+        )),
         policy: RetryPolicy::new(4, settings.retry_delays.0.clone()),
         topology: Topology::new(&settings),
         metrics,

@@ -93,6 +93,7 @@ impl Names {
             self.events.clone(),
             format!("{}.partitions", self.queue),
             format!("{}.unrouted", self.queue),
+            format!("{}.members", self.queue),
         ]
     }
 

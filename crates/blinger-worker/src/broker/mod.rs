@@ -11,6 +11,7 @@ pub mod acks;
 pub mod confirms;
 pub mod layout;
 pub mod log;
+pub mod members;
 pub mod outbox;
 pub mod outgoing;
 pub mod republisher;

@@ -30,6 +30,8 @@
 //! stream blinger.outbound.topology (one record: P and the hash version, checked at every start)
 //! exchange blinger.outbound.events ─"delivered.#"─> stream blinger.outbound.log (the delivered
 //!   records, sealed receipts; x-max-age = BLINGER_WORKER_RETENTION)
+//! exchange blinger.outbound.members (fanout): the replicas' heartbeats and 429s, each replica
+//!   reading them through an exclusive, server-named queue of its own
 //! ```
 //!
 //! Delay tiers use per-queue TTLs, not a broker plugin: every message in a tier waits the same
@@ -99,6 +101,10 @@ pub struct Partitioned {
     pub layout: String,
     /// The delivered-records log, a stream: `{queue}.log` (docs/scale-out.md 4.5).
     pub log: String,
+    /// Fanout exchange of the replicas' heartbeats and throttles: `{queue}.members`
+    /// (docs/scale-out.md 4.8). Each replica reads it through a queue of its own, exclusive to
+    /// its connection.
+    pub members: String,
     /// `{queue}.p.00` … in partition order.
     pub queues: Vec<String>,
 }
@@ -112,6 +118,7 @@ impl Partitioned {
             unrouted: format!("{queue}.unrouted"),
             layout: format!("{queue}.topology"),
             log: format!("{queue}.log"),
+            members: format!("{queue}.members"),
             queues: (0..count)
                 .map(|p| format!("{queue}.p.{}", label(p, count)))
                 .collect(),
@@ -359,6 +366,12 @@ async fn declare_partitioned(
     let mut alternate = FieldTable::default();
     alternate.insert("alternate-exchange".into(), string(&partitioned.unrouted));
     exchange(&partitioned.exchange, ExchangeKind::Direct, alternate).await?;
+    exchange(
+        &partitioned.members,
+        ExchangeKind::Fanout,
+        FieldTable::default(),
+    )
+    .await?;
     for (p, name) in (0..partitioned.count).zip(&partitioned.queues) {
         channel
             .queue_declare(name.as_str().into(), durable, single_active.clone())

@@ -2,12 +2,14 @@
 //! worker's own sealed `x-blinger-*` headers on a job ([`trail`]), the note it writes on parked
 //! and dead-lettered copies ([`annotation`]), why it dead-letters ([`reason`]), the outcome
 //! events it publishes ([`receipts`]) and, in partitioned mode, the sealed form in which a
-//! `delivered` receipt is the job's record in the delivered-records log ([`delivered_log`]).
+//! `delivered` receipt is the job's record in the delivered-records log ([`delivered_log`]) and
+//! what the replicas say to each other ([`members`]).
 //! Other services rely on these shapes: extend them, never change them.
 
 pub mod annotation;
 pub mod delivered_log;
 pub mod job;
+pub mod members;
 pub mod reason;
 pub mod receipts;
 pub mod trail;

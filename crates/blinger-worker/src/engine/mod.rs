@@ -5,6 +5,7 @@
 //! - [`order`]: order per conversation across delay tiers and restarts (the chains);
 //! - [`fair`]: the fair share of the prefetch (deferral of the newest job of a big lane);
 //! - [`retry`]: backoff and the delay tiers; [`ratelimit`]: the global request cap;
+//! - [`membership`]: the live replicas and this one's share of the cap (partitioned mode);
 //! - [`pause`]: pausing on 401/403 and the probe that resumes;
 //! - [`decide`]: what follows a call Blinger did not accept (a pure table);
 //! - [`pipeline`]: one job from delivery to ack, driving the above;
@@ -13,6 +14,7 @@
 pub mod decide;
 pub mod dispatch;
 pub mod fair;
+pub mod membership;
 pub mod order;
 pub mod ownership;
 pub mod partition;

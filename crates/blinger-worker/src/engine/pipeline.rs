@@ -94,7 +94,7 @@ pub struct Parts {
     pub client: Client,
     pub token: TokenSource,
     pub store: Store,
-    pub limiter: Limiter,
+    pub limiter: Arc<Limiter>,
     pub policy: RetryPolicy,
     pub topology: Topology,
     pub metrics: Arc<Metrics>,
@@ -115,7 +115,7 @@ pub struct Pipeline {
     client: Client,
     token: TokenSource,
     store: Store,
-    limiter: Limiter,
+    limiter: Arc<Limiter>,
     policy: RetryPolicy,
     topology: Topology,
     metrics: Arc<Metrics>,
@@ -197,6 +197,11 @@ impl Pipeline {
 
     pub fn trail_key(&self) -> &TrailKey {
         &self.trail_key
+    }
+
+    /// The rate limiter, whose share the membership sets in partitioned mode.
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
     }
 
     /// The permits of the calls without an idempotency key (see [`Parts::keyless_concurrency`]).
@@ -1098,10 +1103,10 @@ pub(crate) mod tests {
             .unwrap(),
             token: TokenSource::Literal(Secret::new(TOKEN)),
             store: Store::open(dir.path()).unwrap(),
-            limiter: Limiter::new(
+            limiter: Arc::new(Limiter::new(
                 NonZeroU32::new(1000).unwrap(),
                 NonZeroU32::new(100).unwrap(),
-            ),
+            )),
             policy: RetryPolicy {
                 initial_interval: Duration::from_millis(1),
                 max_interval: Duration::from_millis(2),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::config::LogFormat;
@@ -52,6 +52,10 @@ pub struct Metrics {
     pub log_publish_failed: IntCounter,
     pub log_caught_up: IntGauge,
     pub partition_fence: Histogram,
+    pub rate_share: Gauge,
+    pub replicas: IntGauge,
+    pub members_rejected: IntCounter,
+    pub peer_throttles: IntCounter,
 }
 
 impl Metrics {
@@ -260,6 +264,47 @@ impl Metrics {
                     .register(Box::new(h.clone()))
                     .expect("unique metric");
                 h
+            },
+            rate_share: {
+                let g = Gauge::new(
+                    "blinger_worker_rate_share",
+                    "This replica's fraction of BLINGER_WORKER_RATE_LIMIT and _BURST: 1 for a \
+                     single-queue worker; in partitioned mode 1 / the replicas counted live, or 0 \
+                     while it joins, is cut off from the broker or stops.",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            replicas: gauge(
+                "blinger_worker_replicas",
+                "Replicas this one counts live from their heartbeats, itself included (1 for a \
+                 single-queue worker, 0 between sessions).",
+            ),
+            members_rejected: {
+                let c = IntCounter::new(
+                    "blinger_worker_members_rejected_total",
+                    "Messages on the replicas' exchange {queue}.members ignored: no valid seal \
+                     (forged, or another trail key) or unreadable.",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            peer_throttles: {
+                let c = IntCounter::new(
+                    "blinger_worker_peer_throttles_total",
+                    "429 pauses another replica passed on, applied to this replica's bucket.",
+                )
+                .expect("metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
             },
             registry,
         };

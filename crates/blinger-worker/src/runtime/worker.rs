@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::blinger::Client;
 use crate::blinger::client::ClientError;
 use crate::broker::log::Tailer;
+use crate::broker::members::Members;
 use crate::broker::outbox::SessionOutbox;
 use crate::broker::router::Router;
 use crate::broker::{AmqpError, Session, Topology};
@@ -108,10 +109,19 @@ impl Worker {
             first_session,
         } = opened;
         let stopping = CancellationToken::new();
-        let limiter = Limiter::new(
+        let (rate, burst) = (
             NonZeroU32::new(settings.rate_limit).expect("validated by clap"),
             NonZeroU32::new(settings.rate_burst).expect("validated by clap"),
         );
+        // Partitioned mode: the replicas share the limit, and a share is given only by the
+        // membership of a session (`broker::members`).
+        let limiter = Arc::new(if settings.amqp.partitions > 0 {
+            Limiter::shared(rate, burst)
+        } else {
+            metrics.rate_share.set(1.0);
+            metrics.replicas.set(1);
+            Limiter::new(rate, burst)
+        });
         let policy = RetryPolicy::new(
             settings.max_in_process_attempts,
             settings.amqp.retry_delays.0.clone(),
@@ -296,8 +306,16 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Ended::Shutdown { alive, outboxes } => {
+                Ended::Shutdown {
+                    alive,
+                    outboxes,
+                    members,
+                } => {
                     drain(&settings, &pipeline, &dispatcher, &stopping).await;
+                    // No call starts any more: the share goes to the other replicas now.
+                    if let Some(members) = members {
+                        members.leave().await;
+                    }
                     drained = true;
                     // Finished jobs must be acked before the channels close, or the broker
                     // redelivers them.
@@ -359,6 +377,8 @@ enum Ended {
     Shutdown {
         alive: CancellationToken,
         outboxes: Vec<Arc<SessionOutbox>>,
+        /// Partitioned mode: the session's membership, left once the last calls are over.
+        members: Option<Members>,
     },
 }
 
@@ -438,6 +458,7 @@ async fn consume(
 ) -> Ended {
     let alive = CancellationToken::new();
     let topology = pipeline.topology();
+    let mut members: Option<Members> = None;
     // Partitioned mode: the delivered-records log is read to its end before any partition is
     // consumed, so that no job another replica delivered is sent again from here.
     let mut tailer = match &topology.partitioned {
@@ -461,11 +482,29 @@ async fn consume(
                     return Ended::Lost(format!("reading the delivered-records log: {e}"));
                 }
             };
+            // The membership listens while the log is read: a share is ready by the time the
+            // first partition is.
+            let joined = Members::start(
+                &session.connection,
+                &partitioned.members,
+                pipeline.trail_key().clone(),
+                pipeline.limiter().clone(),
+                metrics.clone(),
+                alive.clone(),
+            )
+            .await;
+            match joined {
+                Ok(joined) => members = Some(joined),
+                Err(e) => {
+                    alive.cancel();
+                    return Ended::Lost(format!("joining the replicas' heartbeats: {e}"));
+                }
+            }
             let began = tokio::time::Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     alive.cancel();
-                    return Ended::Shutdown { alive, outboxes: Vec::new() };
+                    return Ended::Shutdown { alive, outboxes: Vec::new(), members: None };
                 }
                 caught_up = tailer.caught_up() => if let Err(e) = caught_up {
                     alive.cancel();
@@ -559,6 +598,7 @@ async fn consume(
                 break Ended::Shutdown {
                     alive: alive.clone(),
                     outboxes: outboxes(),
+                    members: members.take(),
                 };
             }
             delivery = deliveries.next() => match delivery {
@@ -566,6 +606,11 @@ async fn consume(
                     Admit::Submit(delivery) => dispatcher.submit(delivery, &sources[i].link),
                     Admit::Held => {}
                     Admit::Activated => {
+                        // This replica is the partition's consumer now: its part of the rate
+                        // limit grows once the other replicas have heard of it.
+                        if let Some(members) = &members {
+                            members.hold(i as u16);
+                        }
                         let barrier = barrier.clone().expect("gates are guarded only with a log");
                         let began = tokio::time::Instant::now();
                         barriers.push(async move { (i, barrier.pass().await, began) });
@@ -591,6 +636,9 @@ async fn consume(
                 break Ended::Lost(failed.to_string());
             }
             failed = async { tailer.as_mut().expect("guarded").failed().await }, if tailer.is_some() => {
+                break Ended::Lost(failed.to_string());
+            }
+            failed = async { members.as_mut().expect("guarded").failed().await }, if members.is_some() => {
                 break Ended::Lost(failed.to_string());
             }
             _ = check.tick() => {
