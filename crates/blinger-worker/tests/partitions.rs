@@ -580,3 +580,160 @@ async fn a_replica_that_stops_hands_its_partitions_over_in_order() {
     second.stop().await;
     env.cleanup().await;
 }
+
+/// Replicas of one deployment keep to one rate limit together (issue 14, guarantee 3), split by
+/// the partitions each holds, through heartbeats on the real broker: three replicas, holding 8,
+/// 4 and 4 of 16 partitions, each calling as fast as its limiter lets it, never start more than
+/// the limit plus the burst in any second between them, and use all of it. One that leaves
+/// gives its part to the others; a 429 one of them gets holds the others back too.
+///
+/// Each replica here is the membership and the limiter of a worker, without the rest: which
+/// replica a partition goes to is the broker's choice (on 3.10 the first subscriber gets them
+/// all), so the test hands them out itself. Before the shared limit each replica had the whole
+/// limit, and the three together started three times as many (checked by making
+/// `Members` give every replica the whole limit: 162 in one second for a limit of 50 + 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_keep_to_one_rate_limit_split_by_the_partitions_they_hold() {
+    use std::num::NonZeroU32;
+    use std::sync::{Arc, Mutex};
+
+    use blinger_worker::broker::members::Members;
+    use blinger_worker::config::Secret;
+    use blinger_worker::contract::trail::TrailKey;
+    use blinger_worker::engine::ratelimit::Limiter;
+    use lapin::options::ExchangeDeclareOptions;
+    use tokio::time::Instant;
+
+    const RATE: u32 = 50;
+    const BURST: u32 = 5;
+    let env = TestEnv::new("shared-rate").await;
+    let exchange = format!("{}.members", env.names.queue);
+    env.channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let key = TrailKey::from_secret(&Secret::new("one-key-for-every-replica")).unwrap();
+    struct Replica {
+        limiter: Arc<Limiter>,
+        metrics: Arc<Metrics>,
+        members: Option<Members>,
+        _conn: lapin::Connection,
+    }
+    let mut replicas = Vec::new();
+    for holds in [0u16..8, 8..12, 12..16] {
+        let conn = lapin::Connection::connect(&env.broker.url, Default::default())
+            .await
+            .unwrap();
+        let limiter = Arc::new(Limiter::shared(
+            NonZeroU32::new(RATE).unwrap(),
+            NonZeroU32::new(BURST).unwrap(),
+        ));
+        let metrics = Metrics::new();
+        let members = Members::start(
+            &conn,
+            &exchange,
+            key.clone(),
+            limiter.clone(),
+            metrics.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        for p in holds {
+            members.hold(p);
+        }
+        replicas.push(Replica {
+            limiter,
+            metrics,
+            members: Some(members),
+            _conn: conn,
+        });
+    }
+    let shares = |replicas: &[Replica]| -> Vec<f64> {
+        replicas
+            .iter()
+            .map(|r| r.metrics.rate_share.get())
+            .collect()
+    };
+    assert!(
+        eventually(T, || shares(&replicas) == [0.5, 0.25, 0.25]).await,
+        "each replica's part is its partitions' part: {:?}",
+        shares(&replicas)
+    );
+    assert!(replicas.iter().all(|r| r.metrics.replicas.get() == 3));
+
+    // Every replica calls as fast as its limiter lets it, for 4 s.
+    let started = Arc::new(Mutex::new(Vec::new()));
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut callers = tokio::task::JoinSet::new();
+    for r in &replicas {
+        for _ in 0..8 {
+            let (limiter, started) = (r.limiter.clone(), started.clone());
+            callers.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = limiter.acquire() => started.lock().unwrap().push(Instant::now()),
+                        _ = tokio::time::sleep_until(until) => return,
+                    }
+                }
+            });
+        }
+    }
+    while callers.join_next().await.is_some() {}
+    let mut at = started.lock().unwrap().clone();
+    at.sort();
+    let mut peak = 0;
+    let mut first = 0;
+    for last in 0..at.len() {
+        while at[last] - at[first] >= Duration::from_secs(1) {
+            first += 1;
+        }
+        peak = peak.max(last - first + 1);
+    }
+    // The buckets start empty (a part given after none), so 4 s allow 4 × 50 and the
+    // bursts refilled meanwhile add nothing: each bucket runs dry at once.
+    assert!(
+        peak <= (RATE + BURST) as usize,
+        "at most the limit + the burst in any second between them: {peak}"
+    );
+    assert!(
+        at.len() >= (RATE as usize * 4) * 9 / 10,
+        "and they use the whole limit: {} in 4 s",
+        at.len()
+    );
+
+    // The third leaves: the others take its part.
+    replicas[2].members.take().unwrap().leave().await;
+    assert!(
+        eventually(T, || {
+            let s = shares(&replicas);
+            (s[0] - 8.0 / 12.0).abs() < 1e-9 && (s[1] - 4.0 / 12.0).abs() < 1e-9 && s[2] == 0.0
+        })
+        .await,
+        "8 and 4 of 12: {:?}",
+        shares(&replicas)
+    );
+
+    // A 429 the first one gets holds the second back too.
+    replicas[0].limiter.throttle(Some(Duration::from_secs(2)));
+    assert!(
+        eventually(T, || replicas[1].metrics.peer_throttles.get() == 1).await,
+        "the second hears of the first one's 429"
+    );
+    let waited = Instant::now();
+    replicas[1].limiter.acquire().await;
+    assert!(
+        waited.elapsed() >= Duration::from_millis(1500),
+        "the second waited for the first one's Retry-After: {:?}",
+        waited.elapsed()
+    );
+    env.cleanup().await;
+}

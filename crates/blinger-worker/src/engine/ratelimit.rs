@@ -324,6 +324,31 @@ mod tests {
         assert_eq!(per[5], 0, "{per:?}");
     }
 
+    /// A replica's share drops to nothing for a moment whenever another replica joins (until
+    /// the newcomer counts it). Requests waiting at that moment must keep their places: when
+    /// each one was timed again from the back of the queue, all of them went out together at
+    /// the end, on top of the rate (found by scenario 14: 127 requests in 1 s for a limit of
+    /// 100 + burst 10).
+    #[tokio::test(start_paused = true)]
+    async fn requests_waiting_through_a_share_change_keep_their_places() {
+        let limiter = Arc::new(Limiter::new(nz(100), nz(10)));
+        let counting = tokio::spawn(started_per_second(limiter.clone(), 4));
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Back before the waiting requests have run again, as when the newcomer's
+            // heartbeat arrives a moment later.
+            limiter.set_share(0.0);
+            limiter.set_share(1.0);
+        }
+        let per = counting.await.unwrap();
+        // The first second has the full bucket; after that, 100 a second at most (one more for
+        // a request on the edge of a second).
+        assert!(per[0] <= 111, "{per:?}");
+        for n in &per[1..] {
+            assert!(*n <= 101, "{per:?}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn tokens_kept_over_a_share_change_are_cut_to_the_new_cap() {
         let limiter = Limiter::new(nz(10), nz(40));

@@ -297,15 +297,25 @@ pub fn mean_max(ds: &[Duration]) -> String {
 /// (sliding, not aligned to buckets), from the sandbox's arrival timestamps (millisecond
 /// resolution).
 pub fn max_in_window(records: &[blinger_sandbox::RecordedRequest], window: Duration) -> usize {
+    peak_window(records, window).0
+}
+
+/// The most requests that arrived within any `window`, and when that window began.
+pub fn peak_window(
+    records: &[blinger_sandbox::RecordedRequest],
+    window: Duration,
+) -> (usize, Option<SystemTime>) {
     let mut at: Vec<SystemTime> = records.iter().filter_map(|r| arrival(&r.ts)).collect();
     at.sort();
-    let mut best = 0;
+    let mut best = (0, None);
     let mut start = 0;
     for end in 0..at.len() {
         while at[end].duration_since(at[start]).unwrap_or_default() >= window {
             start += 1;
         }
-        best = best.max(end - start + 1);
+        if end - start + 1 > best.0 {
+            best = (end - start + 1, Some(at[start]));
+        }
     }
     best
 }

@@ -8,11 +8,12 @@
 //!
 //! What it states across replicas: nothing lost, nothing created twice, keyless second calls only
 //! from the killed replica's call in flight, no order violation per conversation, and how long
-//! delivery pauses after each kill. Two parts of issue 14 are not built yet, so the scenario
-//! leaves them out and says so: the fair share is off (a conversation's jobs out in the delay
-//! tiers are known only to the replica that sent them there until chain snapshots are shared,
-//! step 5 of docs/scale-out.md 7), and requests per second are reported, not checked (the rate
-//! limit is per replica until step 8).
+//! delivery pauses after each kill. The replicas share one rate limit (100/s, low enough that it
+//! holds the load back); the highest number of requests in any 1 s is reported, not checked
+//! (see where it is reported). One part of issue 14 is not built yet, so the scenario leaves it
+//! out and says so: the fair share is off (a conversation's jobs out in the delay tiers are known
+//! only to the replica that sent them there until chain snapshots are shared, step 5 of
+//! docs/scale-out.md 7).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Expect, Progress, conclude, finish, max_in_window, mean_max, wait_settled};
+use super::{Expect, Progress, conclude, finish, mean_max, peak_window, wait_settled};
 use crate::reliability::Ctx;
 use crate::reliability::harness::{World, WorkerProc, free_port, secs};
 use crate::reliability::jobs::Plan;
@@ -42,14 +43,15 @@ pub async fn run(ctx: &Ctx) -> Figures {
     let started = Instant::now();
     let n = ctx.pick(4_000, 20_000);
     let conversations = 100;
-    let rate = 400;
-    let burst = 50;
+    let rate = 100;
+    let burst = 10;
     let mut f = Figures::new("14 replicas", ctx);
     f.setup = format!(
         "1 → {REPLICAS} replicas under load, then {REPLICAS} → {}, {PARTITIONS} partitions, {n} jobs (4 kinds) over {conversations} \
          conversations; {KILLS} × kill -9 of a random replica every 1–2 s, each started again at \
          once, half the time with an empty data directory; concurrency 64, prefetch 200, fair \
-         share off, rate limit {rate}/s + burst {burst} per replica, sandbox latency 10–50 ms; \
+         share off, one rate limit of {rate}/s + burst {burst} for the replicas together, sandbox \
+         latency 10–50 ms; \
          one broker",
         REPLICAS - 1
     );
@@ -160,6 +162,7 @@ pub async fn run(ctx: &Ctx) -> Figures {
         .expect("three replicas");
     let held_at_scale_down = holding[busiest];
     let mut leaving = slots.remove(busiest);
+    let scale_down_at = SystemTime::now();
     let (scale_down_exit, scale_down_took) = leaving.proc.stop(Duration::from_secs(60)).await;
     let republished = publishing.await.expect("publisher task");
     let drained = progress
@@ -220,7 +223,13 @@ pub async fn run(ctx: &Ctx) -> Figures {
         .map(|w| w[1].duration_since(w[0]).unwrap_or_default())
         .max()
         .unwrap_or_default();
-    let peak = max_in_window(&records, Duration::from_secs(1));
+    let (peak, peak_at) = peak_window(&records, Duration::from_secs(1));
+    // When it was, from the first kill (negative: before it), to tell a join, a kill or the
+    // scale-down apart.
+    let peak_from_first_kill = peak_at.map(|at| match at.duration_since(kills_at[0]) {
+        Ok(after) => format!("{:.2} s after the first kill", after.as_secs_f64()),
+        Err(before) => format!("{:.2} s before the first kill", before.duration().as_secs_f64()),
+    });
 
     f.outcome(n, &out);
     f.order = format!(
@@ -241,10 +250,15 @@ pub async fn run(ctx: &Ctx) -> Figures {
     f.detail(
         "scale 3 → 2: SIGTERM → exit",
         format!(
-            "{} ({:?}), holding {held_at_scale_down} jobs, with {before_scale_down} of {} jobs accepted",
+            "{} ({:?}), holding {held_at_scale_down} jobs, with {before_scale_down} of {} jobs accepted, \
+             {:.2} s after the first kill",
             secs(scale_down_took),
             scale_down_exit,
-            expect.total()
+            expect.total(),
+            scale_down_at
+                .duration_since(kills_at[0])
+                .unwrap_or_default()
+                .as_secs_f64()
         ),
     );
     f.detail("restarts with an empty data directory", fresh_dirs);
@@ -254,10 +268,6 @@ pub async fn run(ctx: &Ctx) -> Figures {
             "{:?}",
             &a.repeats_by_instance[..a.repeats_by_instance.len() - 1]
         ),
-    );
-    f.detail(
-        "highest number of requests in any 1 s (not yet a check: the rate limit is per replica)",
-        format!("{peak} (one replica's limit + burst: {})", rate + burst),
     );
     f.detail("API requests", a.requests);
     f.detail("requests by outcome", format!("{:?}", a.by_outcome));
@@ -282,6 +292,18 @@ pub async fn run(ctx: &Ctx) -> Figures {
         "every accepted job has its record in the log",
         a.unrecorded.is_empty(),
         format!("{} without", a.unrecorded.len()),
+    );
+    // Reported, not checked: the stamps are the sandbox's, taken inside this busy test process,
+    // and on RabbitMQ 3.10 one replica usually holds every partition (no spreading yet), so
+    // replicas seldom send at once here. The check is
+    // `replicas_keep_to_one_rate_limit_split_by_the_partitions_they_hold` (tests/partitions.rs).
+    f.detail(
+        "highest number of requests in any 1 s (one limit for the replicas together)",
+        format!(
+            "{peak} (from {}), limit + burst: {}",
+            peak_from_first_kill.unwrap_or_default(),
+            rate + burst
+        ),
     );
     f.check_drained(out.backlog);
     f.check(
