@@ -88,13 +88,21 @@ async fn sigterm_finishes_work_exits_zero_and_logs_no_secret() {
         env.publish(&text_job(&format!("c-{}", i % 10), &i.to_string()))
             .await;
     }
-    let child = worker_command(&env)
+    let mut child = worker_command(&env)
         .env("BLINGER_API_TOKEN", TOKEN)
         .env("BLINGER_WORKER_LOG_LEVEL", "debug")
         .env("BLINGER_WORKER_LOG_FORMAT", "json")
         .env("BLINGER_WORKER_CONCURRENCY", "4")
         .spawn()
         .unwrap();
+    // Read the logs while the worker runs: a full pipe would block its logging, and the worker
+    // with it (debug logs fill 64 KiB in a second or two).
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
     assert!(
         env.sandbox
             .wait_for(|r| r.len() >= 4, Duration::from_secs(20))
@@ -108,12 +116,12 @@ async fn sigterm_finishes_work_exits_zero_and_logs_no_secret() {
             .unwrap()
             .success()
     );
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+    let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
         .unwrap();
-    let logs = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(output.status.success(), "exit {:?}\n{logs}", output.status);
+    let logs = logs.join().unwrap();
+    assert!(status.success(), "exit {status:?}\n{logs}");
     // Every line is JSON.
     for line in logs.lines() {
         serde_json::from_str::<serde_json::Value>(line)

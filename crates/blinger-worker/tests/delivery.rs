@@ -173,8 +173,10 @@ async fn an_ack_lost_with_the_connection_does_not_send_twice() {
     let worker = env.start_worker(&[]).await;
     let job = text_job("c-acklost", "answer races the connection");
     env.publish(&job).await;
-    // The request is in flight at Blinger: cut the broker connection under it.
+    // The request is in flight at Blinger: cut the broker connection under it. (A partitioned
+    // worker calls only once it has a share of the rate limit, about 1.5 s after it connects.)
     assert!(eventually(T, || worker.metrics.jobs_in_flight.get() == 1).await);
+    assert!(eventually(T, || worker.metrics.rate_share.get() > 0.0).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut();
     assert!(

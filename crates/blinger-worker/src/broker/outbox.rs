@@ -147,6 +147,8 @@ pub enum Sent {
 pub struct MemoryOutbox {
     sent: Mutex<Vec<Sent>>,
     refuse: Mutex<Vec<String>>,
+    /// While true, publishes wait (a broker slow to confirm).
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 impl MemoryOutbox {
@@ -156,6 +158,15 @@ impl MemoryOutbox {
             .lock()
             .expect("outbox lock")
             .push(queue.to_owned());
+    }
+
+    /// Publishes wait for [`MemoryOutbox::release_publishes`] from now on.
+    pub fn hold_publishes(&self) {
+        self.held.send_replace(true);
+    }
+
+    pub fn release_publishes(&self) {
+        self.held.send_replace(false);
     }
 
     /// Everything sent so far, in order.
@@ -210,11 +221,15 @@ impl Outbox for MemoryOutbox {
         body: Vec<u8>,
         _properties: BasicProperties,
     ) -> BrokerFuture<'a> {
-        self.push(Sent::Publish {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            body,
-        });
-        Box::pin(async { Ok(()) })
+        let mut held = self.held.subscribe();
+        Box::pin(async move {
+            let _ = held.wait_for(|held| !held).await;
+            self.push(Sent::Publish {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                body,
+            });
+            Ok(())
+        })
     }
 }

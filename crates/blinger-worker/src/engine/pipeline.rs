@@ -658,7 +658,7 @@ impl Pipeline {
         job: &Job,
         accepted: Accepted,
         attempts: u32,
-        keyless: Option<OwnedSemaphorePermit>,
+        mut keyless: Option<OwnedSemaphorePermit>,
     ) -> Outcome {
         let record = Delivered {
             delivered_at_ms: now_ms(),
@@ -677,8 +677,13 @@ impl Pipeline {
                         .store_flush_duration
                         .observe(started.elapsed().as_secs_f64());
                     self.health.set_store_ok(true);
-                    // A crash can no longer repeat the call: the next keyless one may go.
-                    drop(keyless);
+                    // A crash can no longer repeat the call from this store: the next keyless
+                    // one may go. In partitioned mode the replica that gets the job next (or this
+                    // one, its volume lost) looks in the delivered-records log instead, so the
+                    // permit is kept until the record is confirmed there (below).
+                    if self.topology.partitioned.is_none() {
+                        drop(keyless.take());
+                    }
                     break;
                 }
                 Err(e) => {
@@ -706,6 +711,7 @@ impl Pipeline {
         {
             return Outcome::HandedBack;
         }
+        drop(keyless);
         self.ack(work);
         debug!(id = %job.id, kind, attempts, "delivered");
         Outcome::Delivered
@@ -1078,12 +1084,21 @@ pub(crate) mod tests {
     }
 
     pub(crate) async fn world() -> World {
+        world_with(&[], None).await
+    }
+
+    /// A world with more AMQP flags, and a cap on keyless calls at once.
+    pub(crate) async fn world_with(flags: &[&str], keyless: Option<usize>) -> World {
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
             amqp: AmqpSettings,
         }
-        let settings = Cli::parse_from(["t", "--queue", "unit", "--retry-delays", "1s,5s"]).amqp;
+        let args = ["t", "--queue", "unit", "--retry-delays", "1s,5s"]
+            .iter()
+            .chain(flags)
+            .copied();
+        let settings = Cli::parse_from(args).amqp;
         let sandbox = Sandbox::start(
             "127.0.0.1:0".parse().unwrap(),
             SandboxConfig::with_token(TOKEN),
@@ -1118,7 +1133,7 @@ pub(crate) mod tests {
             stopping: CancellationToken::new(),
             trail_key: TrailKey::load(None, dir.path()).unwrap(),
             receipts: Some("unit.events".into()),
-            keyless_concurrency: None,
+            keyless_concurrency: keyless,
         });
         let outbox = Arc::new(MemoryOutbox::default());
         let session = Arc::new(SessionLink {
@@ -1182,6 +1197,47 @@ pub(crate) mod tests {
             "conversation_id": conversation,
             "text": "hi",
         })
+    }
+
+    /// Partitioned mode: the next keyless call waits until the previous one's record is
+    /// confirmed in the delivered-records log, not only in the local store. The replica that
+    /// gets a job after a crash looks in the log; with the permit given back at the local record
+    /// (as before), a kill between the two left two keyless calls unrecorded there, and both were
+    /// made again by the next replica (scenario 14: 2 second calls for one kill with
+    /// `BLINGER_WORKER_KEYLESS_CONCURRENCY` 1).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_keyless_call_waits_until_the_one_before_is_recorded_in_the_log() {
+        let w = Arc::new(world_with(&["--partitions", "1"], Some(1)).await);
+        let keyless = |conversation: &str| {
+            serde_json::json!({"kind": "request-review", "id": uuid::Uuid::new_v4().to_string(),
+                               "conversation_id": conversation})
+        };
+        w.outbox.hold_publishes();
+        let first = {
+            let (w, job) = (w.clone(), keyless("c-1"));
+            tokio::spawn(async move { w.run(1, job).await })
+        };
+        let calls = || w.sandbox.requests().len();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while calls() < 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(calls(), 1, "the first call is made");
+        let second = {
+            let (w, job) = (w.clone(), keyless("c-2"));
+            tokio::spawn(async move { w.run(2, job).await })
+        };
+        // The first one's record is in the local store, not yet in the log.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            calls(),
+            1,
+            "no second keyless call before the first is in the log"
+        );
+        w.outbox.release_publishes();
+        assert_eq!(first.await.unwrap(), Outcome::Delivered);
+        assert_eq!(second.await.unwrap(), Outcome::Delivered);
+        assert_eq!(calls(), 2);
     }
 
     #[tokio::test]
