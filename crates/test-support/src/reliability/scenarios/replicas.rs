@@ -8,11 +8,15 @@
 //!
 //! What it states across replicas: nothing lost, nothing created twice, keyless second calls only
 //! from the killed replica's call in flight, no order violation per conversation, and how long
-//! delivery pauses after each kill. The replicas share one rate limit (100/s, low enough that it
-//! holds the load back); the highest number of requests in any 1 s is reported, not checked
-//! (see where it is reported). One part of issue 14 is not built yet, so the scenario leaves it
-//! out and says so: the fair share is off (a conversation's jobs out in the delay tiers are known
-//! only to the replica that sent them there until chain snapshots are shared, step 5 of
+//! delivery pauses after each kill, and that the replicas keep to one rate limit together (100/s
+//! with a burst of 10, low enough to hold the load back): the most requests Blinger sees in any
+//! 1 s. On
+//! RabbitMQ 3.10 one replica usually holds every partition (no spreading yet), so the check
+//! bites hardest at the handovers, when a new holder's share is given in steps; the check of
+//! replicas sending at once is `replicas_keep_to_one_rate_limit_split_by_the_partitions_they_hold`
+//! (tests/partitions.rs). One part of issue 14 is not built yet, so the scenario leaves it out and
+//! says so: the fair share is off (a conversation's jobs out in the delay tiers are known only to
+//! the replica that sent them there until chain snapshots are shared, step 5 of
 //! docs/scale-out.md 7).
 
 use std::collections::HashSet;
@@ -293,16 +297,15 @@ pub async fn run(ctx: &Ctx) -> Figures {
         a.unrecorded.is_empty(),
         format!("{} without", a.unrecorded.len()),
     );
-    // Reported, not checked: the stamps are the sandbox's, taken inside this busy test process,
-    // and on RabbitMQ 3.10 one replica usually holds every partition (no spreading yet), so
-    // replicas seldom send at once here. The check is
-    // `replicas_keep_to_one_rate_limit_split_by_the_partitions_they_hold` (tests/partitions.rs).
-    f.detail(
-        "highest number of requests in any 1 s (one limit for the replicas together)",
+    f.check(
+        "the replicas together keep to one rate limit (requests in any 1 s ≤ limit + burst)",
+        // 2 requests of tolerance, as in scenario 3: the stamps are the sandbox's, taken after
+        // the network and the scheduler of this busy test process.
+        peak <= rate + burst + 2,
         format!(
-            "{peak} (from {}), limit + burst: {}",
-            peak_from_first_kill.unwrap_or_default(),
-            rate + burst
+            "highest in any 1 s: {peak} (from {}), limit {rate}/s + burst {burst} (2 requests of \
+             tolerance for arrival-time jitter)",
+            peak_from_first_kill.unwrap_or_default()
         ),
     );
     f.check_drained(out.backlog);
