@@ -283,13 +283,20 @@ async fn run(
         }
         let share = shared.apply(Instant::now());
         if share != last {
-            match share {
-                Share::Of { held, among } => info!(
+            // Info when sending starts or stops, debug as the part changes (a takeover of 16
+            // partitions changes it 16 times in a few milliseconds).
+            match (last, share) {
+                (Share::Of { .. }, Share::Of { held, among }) => debug!(
                     held,
                     among,
                     "rate limit: this replica's part is {held} of the {among} partitions held"
                 ),
-                Share::None(why) => info!(?why, "no share of the rate limit"),
+                (_, Share::Of { held, among }) => info!(
+                    held,
+                    among,
+                    "rate limit: this replica's part is {held} of the {among} partitions held"
+                ),
+                (_, Share::None(why)) => info!(?why, "no share of the rate limit"),
             }
             last = share;
         }

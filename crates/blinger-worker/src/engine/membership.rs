@@ -21,7 +21,7 @@
 //!
 //! What it guarantees: **the shares of all replicas never sum above 1**, so the requests of the
 //! whole deployment never exceed `BLINGER_WORKER_RATE_LIMIT` (and the buckets' capacities
-//! `BLINGER_WORKER_RATE_BURST`). Every replica's denominator covers every partition counted in
+//! `BLINGER_WORKER_RATE_BURST`, but for a capacity below one request rounded up to one). Every replica's denominator covers every partition counted in
 //! anyone's numerator. Why:
 //! - *A partition newly held* counts for its holder only once every replica the holder counts has
 //!   listed a heartbeat that announced it: each of those already has it in its denominator, and
@@ -37,7 +37,6 @@
 //!   its own queue cannot drop a live replica early: `k`'s later heartbeats are in the same queue
 //!   ahead of the reader's own, so the reader's lease lapses first (heartbeats go out every
 //!   interval, and `interval` plus publishing jitter stays below `grace`).
-//!
 //! - *A replica frozen or starved* for longer than [`Timing::max_gap`] between two heartbeats
 //!   (a paused VM, CPU starvation) may have been dropped by a reader lagging behind its queue
 //!   that has not read its heartbeats after the gap yet; it takes a share again only once every
