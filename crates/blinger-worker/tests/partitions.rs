@@ -688,16 +688,8 @@ async fn replicas_keep_to_one_rate_limit_split_by_the_partitions_they_hold() {
         }
     }
     while callers.join_next().await.is_some() {}
-    let mut at = started.lock().unwrap().clone();
-    at.sort();
-    let mut peak = 0;
-    let mut first = 0;
-    for last in 0..at.len() {
-        while at[last] - at[first] >= Duration::from_secs(1) {
-            first += 1;
-        }
-        peak = peak.max(last - first + 1);
-    }
+    let at = started.lock().unwrap().clone();
+    let (peak, _) = most_within(&at, Duration::from_secs(1), |a, b| b - a);
     // The buckets start empty (a part given after none), so 4 s allow 4 × 50 and the
     // bursts refilled meanwhile add nothing: each bucket runs dry at once.
     assert!(

@@ -398,3 +398,25 @@ pub async fn output(
     .await
     .expect("command task")
 }
+
+/// The most of `times` that fall within any one `window`, and the first of them (`span(a, b)` is
+/// how long after `a` `b` came). A rate check: requests started or seen in any sliding second.
+pub fn most_within<T: Ord + Copy>(
+    times: &[T],
+    window: Duration,
+    span: impl Fn(T, T) -> Duration,
+) -> (usize, Option<T>) {
+    let mut at = times.to_vec();
+    at.sort();
+    let mut best = (0, None);
+    let mut first = 0;
+    for last in 0..at.len() {
+        while span(at[first], at[last]) >= window {
+            first += 1;
+        }
+        if last - first + 1 > best.0 {
+            best = (last - first + 1, Some(at[first]));
+        }
+    }
+    best
+}

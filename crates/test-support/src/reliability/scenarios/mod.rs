@@ -305,17 +305,6 @@ pub fn peak_window(
     records: &[blinger_sandbox::RecordedRequest],
     window: Duration,
 ) -> (usize, Option<SystemTime>) {
-    let mut at: Vec<SystemTime> = records.iter().filter_map(|r| arrival(&r.ts)).collect();
-    at.sort();
-    let mut best = (0, None);
-    let mut start = 0;
-    for end in 0..at.len() {
-        while at[end].duration_since(at[start]).unwrap_or_default() >= window {
-            start += 1;
-        }
-        if end - start + 1 > best.0 {
-            best = (end - start + 1, Some(at[start]));
-        }
-    }
-    best
+    let at: Vec<SystemTime> = records.iter().filter_map(|r| arrival(&r.ts)).collect();
+    crate::most_within(&at, window, |a, b| b.duration_since(a).unwrap_or_default())
 }
