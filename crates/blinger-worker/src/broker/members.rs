@@ -61,6 +61,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// No share: the session is over (or the replica leaves).
+    fn give_up(&self) {
+        self.limiter.set_share(0.0);
+        self.metrics.rate_share.set(0.0);
+        self.metrics.replicas.set(0);
+    }
+
     /// The share now, applied.
     fn apply(&self, now: Instant) -> Share {
         let (share, counted) = {
@@ -211,9 +218,7 @@ impl Members {
 impl Drop for Members {
     fn drop(&mut self) {
         self.task.abort();
-        self.shared.limiter.set_share(0.0);
-        self.shared.metrics.rate_share.set(0.0);
-        self.shared.metrics.replicas.set(0);
+        self.shared.give_up();
     }
 }
 
@@ -301,7 +306,6 @@ async fn run(
             last = share;
         }
     };
-    shared.limiter.set_share(0.0);
-    shared.metrics.rate_share.set(0.0);
+    shared.give_up();
     failed
 }
