@@ -143,10 +143,6 @@ impl Limiter {
         self.changed.notify_waiters();
     }
 
-    pub fn share(&self) -> f64 {
-        self.bucket.lock().expect("limiter lock").share
-    }
-
     /// Waits until one more request may go out. A request goes out only when a whole token is
     /// in the bucket at that moment, so no window sees more than the capacity plus the rate,
     /// whatever the share did meanwhile.
